@@ -1,0 +1,280 @@
+"""One configuration, end to end: load data, open (or resume) its MLflow run, train, record everything.
+
+Order matters for "bad input creates nothing": the tracking store is reached and the data loaded
+before any MLflow run exists. A SIGINT/SIGTERM marks the run KILLED (resumable with ``--resume``);
+a SIGKILL leaves it RUNNING with an owner tag (``host:pid``) by which sweeps recognise it as stale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import signal
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scaling import tracking
+from scaling.config import ConfigError, RunConfig
+from scaling.data import Corpus, load_corpus
+from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
+
+CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str  # FINISHED | FAILED | KILLED
+    diverged: bool
+    summary: dict[str, float] = field(default_factory=dict)
+    config: RunConfig | None = None
+    pruned: bool = False
+
+    def objective(self, metric: str = "final_val_loss") -> float:
+        """The value an analysis or a search minimises: ``inf`` for a diverged run."""
+        v = self.summary.get(metric)
+        return float("inf") if self.diverged or v is None or not math.isfinite(v) else float(v)
+
+    def summary_line(self) -> str:
+        s = self.summary
+        if self.diverged:
+            what = "DIVERGED (non-finite loss)"
+        else:
+            what = (f"final_val_loss={s.get('final_val_loss', float('nan')):.4f} "
+                    f"final_train_loss={s.get('final_train_loss', float('nan')):.4f} "
+                    f"clip_frequency={s.get('avg_clip_frequency', float('nan')):.3f}")
+        return f"run {self.run_id} {self.status}: {what}"
+
+
+class MetricSink:
+    """Sends metric rows to MLflow from a background thread, in ``log_batch`` chunks (off the hot path)."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def put(self, step: int, metrics: dict[str, float]) -> None:
+        self.q.put([(k, v, step) for k, v in metrics.items() if v is not None and math.isfinite(v)])
+
+    def _work(self) -> None:
+        while True:
+            rows = self.q.get()
+            if rows is None:
+                return
+            while True:  # coalesce what has queued up into one request
+                try:
+                    more = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.q.put(None)
+                    break
+                rows.extend(more)
+            try:
+                tracking.log_metrics(self.client, self.run_id, rows)
+            except BaseException as e:  # surfaced at close(); training goes on
+                self.error = e
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Terminated(BaseException):
+    pass
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Turn SIGTERM into an exception so the run is closed as KILLED instead of left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def prepare(cfg: RunConfig, data_dir=None, tracking_uri=None, device: str = "auto", quiet: bool = False):
+    """Check the store, the device and the data before any run exists; print the data mapping."""
+    client = tracking.connect(tracking_uri)
+    dev = resolve_device(device)
+    corpus = load_corpus(cfg.phase, cfg.seed, data_dir, (cfg.train_split, cfg.val_split))
+    if not quiet:
+        print(f"data: {corpus.source} (fingerprint {corpus.fingerprint})", file=sys.stderr)
+    return client, dev, corpus
+
+
+def _dataset_input(corpus: Corpus, cfg: RunConfig):
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    if corpus.name == "random":
+        src = HuggingFaceDatasetSource(path="random-tokens", split=corpus.source)
+    else:
+        src = HuggingFaceDatasetSource(path="wikitext", config_name="wikitext-2", split=f"{cfg.train_split}:{cfg.val_split}",
+                                       data_files=corpus.source)
+    ds = MetaDataset(src, name=f"{corpus.name}-{cfg.train_split}-{cfg.val_split}", digest=corpus.fingerprint)
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+
+
+def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source: str,
+              parent_run_id: str | None = None, extra_tags: dict | None = None, run_name: str | None = None) -> str:
+    exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(cfg.phase.name))
+    tags = {tracking.TAG_PHASE: cfg.phase.name, tracking.TAG_CONFIG_HASH: cfg.config_hash(),
+            tracking.TAG_SOURCE: source, tracking.TAG_OWNER: tracking.owner_id(), tracking.TAG_DIVERGED: "false"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    commit = tracking.git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    tags.update(extra_tags or {})
+    clip = "none" if cfg.clip is None else f"{cfg.clip:g}"
+    name = run_name or f"B{cfg.batch_size}-lr{cfg.lr:g}-clip{clip}-s{cfg.seed}"
+    run = tracking.with_retry(client.create_run, exp_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    params = dict(cfg.to_params(), device=dev.type, dataset_fingerprint=corpus.fingerprint,
+                  data_source=corpus.source[:490])
+    tracking.log_params(client, run_id, params)
+    try:
+        client.log_inputs(run_id, datasets=[_dataset_input(corpus, cfg)])
+    except Exception as e:  # a store without dataset support still gets everything else
+        print(f"warning: dataset not logged as an MLflow input ({e})", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "config.json"
+        p.write_text(json.dumps(cfg.to_params(), indent=2, sort_keys=True))
+        client.log_artifact(run_id, str(p))
+    return run_id
+
+
+def load_checkpoint(client, run_id: str) -> dict | None:
+    """The run's last checkpoint state, or None if it has none yet."""
+    try:
+        names = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+    except Exception:
+        return None
+    if CHECKPOINT_ARTIFACT not in names:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, d)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(client, run_id: str, state: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "last.pt"
+        torch.save(state, p)
+        tracking.with_retry(client.log_artifact, run_id, str(p), "checkpoints")
+
+
+def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunOutcome:
+    """Summary metrics, tags and terminal status of a trained run."""
+    s = result.summary
+    diverged = result.status == "DIVERGED"
+    converged = result.status == "FINISHED" and math.isfinite(s.get("final_val_loss", float("nan")))
+    tracking.log_metrics(client, run_id, [(k, v, result.steps_done) for k, v in s.items()
+                                          if v is not None and math.isfinite(v)])
+    learned = "unknown"
+    if "final_val_loss" in s and "baseline_unigram_loss" in s:
+        learned = "true" if s["final_val_loss"] < s["baseline_unigram_loss"] else "false"
+    if diverged:
+        learned = "false"
+    tracking.set_tags(client, run_id, {tracking.TAG_DIVERGED: str(diverged).lower(),
+                                       tracking.TAG_CONVERGED: str(converged).lower(),
+                                       tracking.TAG_LEARNED: learned,
+                                       "pruned": str(result.status == "PRUNED").lower()})
+    tracking.log_params(client, run_id, {"n_params": result.n_params, "converged": converged})
+    status = "FINISHED" if result.status == "FINISHED" else ("KILLED" if result.status == "PRUNED" else "FAILED")
+    tracking.with_retry(client.set_terminated, run_id, status)
+    return RunOutcome(run_id=run_id, status=status, diverged=diverged, summary=s, config=cfg,
+                      pruned=result.status == "PRUNED")
+
+
+def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri=None, resume_run_id=None,
+               progress: bool = True, source: str = "train", parent_run_id: str | None = None,
+               extra_tags: dict | None = None, on_eval=None, prepared=None) -> RunOutcome:
+    """Train one configuration and record it in MLflow; ``resume_run_id`` continues a killed run."""
+    client, dev, corpus = prepared or prepare(cfg, data_dir, tracking_uri, device, quiet=not progress)
+    resume_state = None
+    if resume_run_id:
+        try:
+            run = client.get_run(resume_run_id)
+        except Exception:
+            raise ConfigError(f"resume: no MLflow run {resume_run_id!r} in {client.tracking_uri}") from None
+        have = run.data.tags.get(tracking.TAG_CONFIG_HASH)
+        if have != cfg.config_hash():
+            raise ConfigError(f"resume: run {resume_run_id} has config_hash {have}, but these options give "
+                              f"{cfg.config_hash()}; pass the options it was started with")
+        if run.info.status == "FINISHED":
+            raise ConfigError(f"resume: run {resume_run_id} is already FINISHED")
+        run_id = resume_run_id
+        resume_state = load_checkpoint(client, run_id)
+        client.update_run(run_id, status="RUNNING")
+        tracking.set_tags(client, run_id, {tracking.TAG_OWNER: tracking.owner_id()})
+        at = resume_state["step"] if resume_state else 0
+        print(f"resuming run {run_id} from step {at}", file=sys.stderr)
+    else:
+        run_id = start_run(client, cfg, corpus, dev, source, parent_run_id, extra_tags)
+    corpus.to(dev)
+    sink = MetricSink(client, run_id)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=resume_state["step"] if resume_state else 0, unit="step",
+                   desc=f"B={cfg.batch_size} lr={cfg.lr:g}", file=sys.stderr, mininterval=1.0)
+
+    def on_log(step, metrics):
+        sink.put(step, metrics)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", clip=f"{metrics['clip_frequency']:.2f}")
+
+    def on_eval_hook(step, v):
+        sink.put(step, {"val_loss": v})
+        if on_eval is not None:
+            on_eval(step, v)
+
+    hooks = Hooks(on_log=on_log, on_eval=on_eval_hook,
+                  on_checkpoint=lambda step, state: save_checkpoint(client, run_id, state),
+                  on_step=(lambda step: bar.update(1)) if bar is not None else (lambda step: None))
+    try:
+        with sigterm_as_interrupt():
+            result = train(cfg, corpus, dev, hooks, resume_state)
+    except (KeyboardInterrupt, _Terminated):
+        if bar is not None:
+            bar.close()
+        sink.close()
+        tracking.with_retry(client.set_terminated, run_id, "KILLED")
+        print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    except BaseException:
+        sink.close()
+        tracking.with_retry(client.set_terminated, run_id, "FAILED")
+        raise
+    if bar is not None:
+        bar.close()
+    sink.close()
+    return finish_run(client, run_id, cfg, result)
+
+
+__all__ = ["RunOutcome", "run_config", "prepare", "start_run", "finish_run", "load_checkpoint", "save_checkpoint",
+           "Pruned"]

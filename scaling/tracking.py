@@ -1,0 +1,178 @@
+"""Everything MLflow: where runs go, experiment per phase, batched logging, checkpoints, queries.
+
+The default store is a real SQLite database at ``mlruns/mlflow.db`` with artifacts under
+``mlruns/artifacts`` (both relative to the working directory); ``--tracking-uri`` or
+``MLFLOW_TRACKING_URI`` point elsewhere (e.g. ``http://host:5000``). Logging goes through
+``MlflowClient`` with explicit run ids (no global active run, so threads and nested sweeps are
+safe) and metrics are sent with ``log_batch`` in chunks of at most 1,000 values.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from scaling.config import ConfigError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlruns/artifacts"
+COMPARE_EXPERIMENT = "scaling-compare"
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+
+# Tags every run of ours carries (the analysis relies on them).
+TAG_PHASE = "phase"
+TAG_CONFIG_HASH = "config_hash"
+TAG_SOURCE = "source"  # train | sweep | search | import
+TAG_DIVERGED = "diverged"  # "true" / "false"
+TAG_CONVERGED = "converged"
+TAG_LEARNED = "learned"  # "true" / "false" / "unknown"
+TAG_OWNER = "scaling.owner"  # host:pid of the process training it (for stale-run detection)
+
+
+class TrackingError(ConfigError):
+    """The tracking store cannot be used (unreachable server, bad URI): one line, exit 2."""
+
+
+def experiment_name(phase: str) -> str:
+    return f"scaling-phase-{phase}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``--tracking-uri`` beats ``MLFLOW_TRACKING_URI`` beats the local SQLite default."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Artifacts beside a local SQLite store (``<db dir>/artifacts``); a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        return (db.parent / "artifacts").as_uri()
+    return None
+
+
+def connect(uri: str | None = None, check: bool = True):
+    """An ``MlflowClient`` on the resolved store; with ``check``, fail fast if it cannot be reached."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        # Fail in seconds, not after MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    if check:
+        try:
+            client.search_experiments(max_results=1)
+        except Exception as e:  # any failure to reach the store is the user's to fix
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(f"cannot reach the MLflow tracking store {uri!r}: {first[:200]}") from None
+    return client
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    """Experiment id by name, created on first use; tolerant of a concurrent creator (SQLite race)."""
+    for attempt in range(8):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=_default_artifact_location(client.tracking_uri))
+        except Exception:
+            time.sleep(0.05 * (attempt + 1) + random.random() * 0.05)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise TrackingError(f"could not create MLflow experiment {name!r}")
+    return exp.experiment_id
+
+
+def with_retry(fn, *args, attempts: int = 8, **kwargs):
+    """Call ``fn``, retrying with backoff on transient store errors ("database is locked")."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if i == attempts - 1 or "locked" not in str(e).lower() and "busy" not in str(e).lower():
+                raise
+            time.sleep(0.05 * 2 ** i + random.random() * 0.05)
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        with_retry(client.log_batch, run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+
+
+def log_metrics(client, run_id: str, rows: Iterable[tuple[str, float, int]]) -> None:
+    """Log ``(key, value, step)`` rows in batches of at most 1,000 (one request each)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, int(s)) for k, v, s in rows]
+    for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+        with_retry(client.log_batch, run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+
+
+def set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    with_retry(client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def owner_id() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process named by a ``host:pid`` owner tag still runs (only knowable on this host)."""
+    import socket
+
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's run: not ours to judge by pid
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def search_runs(client, experiment_ids: list[str], filter_string: str = "", max_results: int = 50_000):
+    """All runs matching ``filter_string`` (paged), as MLflow ``Run`` objects."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=min(max_results, 10_000),
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or len(runs) >= max_results:
+            return runs

@@ -1,0 +1,227 @@
+"""The training loop of one configuration: AdamW, warmup + schedule, global-norm clipping, honest clip metrics.
+
+No MLflow here: the loop reports through :class:`Hooks` (metrics every ``log_interval`` steps, each
+evaluation, checkpoints), so the same loop serves ``scaling train``, sweeps and Optuna trials. Running
+statistics live on the device and are fetched once per logging interval: no per-step host sync.
+
+Clip metrics per step, with ``g`` the global gradient norm before clipping and ``c`` the threshold:
+``after = g * min(1, c / (g + 1e-6))`` — exactly the scale ``clip_grad_norm_`` applies — so
+``after <= c`` whenever clipping fired; ``clipped = g > c``; ``scale = min(1, c / (g + 1e-6))``.
+Without clipping: after = before, clipped = 0, scale = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from scaling.config import RunConfig
+from scaling.data import BatchSampler, Corpus, validation_batches
+from scaling.model import NanoTransformer, build_model, decay_mask
+
+FINAL_WINDOW_FRACTION = 0.1  # final_train_loss / train_loss_std are over the last 10% of steps
+CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
+
+
+class Pruned(Exception):
+    """Raised by an ``on_eval`` hook to stop a run early (an Optuna pruner said so)."""
+
+
+@dataclass
+class Hooks:
+    on_log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
+    on_eval: Callable[[int, float], None] = lambda step, val_loss: None
+    on_checkpoint: Callable[[int, dict[str, Any]], None] = lambda step, state: None
+    on_step: Callable[[int], None] = lambda step: None  # progress bars
+
+
+@dataclass
+class TrainResult:
+    status: str  # FINISHED | DIVERGED | PRUNED
+    steps_done: int
+    n_params: int
+    summary: dict[str, float] = field(default_factory=dict)
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Linear warmup to the peak LR, then constant or cosine down to ``min_lr_ratio * lr``."""
+    o = cfg.phase.optim
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if o.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from scaling.config import ConfigError
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def make_optimizer(model: NanoTransformer, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    o = cfg.phase.optim
+    mask = decay_mask(model)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if mask[n]], "weight_decay": o.weight_decay},
+        {"params": [p for n, p in named if not mask[n]], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=tuple(o.betas), eps=o.eps,
+                             fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: NanoTransformer, batches, autocast) -> torch.Tensor:
+    """Mean validation loss over the fixed batches, as a device scalar."""
+    model.eval()
+    total = torch.zeros((), device=batches[0][0].device)
+    for x, y in batches:
+        with autocast():
+            total += model.loss(x, y)
+    model.train()
+    return total / len(batches)
+
+
+class _Stats:
+    """Device-side running sums: per logging interval and over the whole run."""
+
+    KEYS = ("loss", "before", "after", "clipped", "scale")
+
+    def __init__(self, device, final_window: int):
+        z = lambda: torch.zeros(5, device=device, dtype=torch.float64)  # noqa: E731
+        self.interval, self.total = z(), z()
+        self.n_interval = 0
+        self.final_losses = torch.zeros(final_window, device=device, dtype=torch.float64)
+
+    def state(self) -> dict:
+        return {"interval": self.interval.cpu(), "total": self.total.cpu(), "n_interval": self.n_interval,
+                "final_losses": self.final_losses.cpu()}
+
+    def load(self, s: dict, device) -> None:
+        self.interval, self.total = s["interval"].to(device), s["total"].to(device)
+        self.n_interval, self.final_losses = s["n_interval"], s["final_losses"].to(device)
+
+
+def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | None = None,
+          resume_state: dict | None = None) -> TrainResult:
+    """Train ``cfg`` on ``corpus`` (already on ``device``); resume from a checkpoint state if given."""
+    hooks = hooks or Hooks()
+    t = cfg.phase.train
+    model = build_model(cfg.phase.model, cfg.seed).to(device)
+    opt = make_optimizer(model, cfg, device)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
+    sampler = BatchSampler(corpus.train, cfg.seed, cfg.batch_size, cfg.phase.model.context_length)
+    val_set = validation_batches(corpus.val, t.eval_batches, cfg.phase.model.context_length)
+    params = list(model.parameters())
+    clip = float("inf") if cfg.clip is None else cfg.clip
+    window = max(1, int(round(cfg.steps * FINAL_WINDOW_FRACTION)))
+    window_start = cfg.steps - window
+    stats = _Stats(device, window)
+    val_history: list[tuple[int, float]] = []
+    start = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        stats.load(resume_state["stats"], device)
+        val_history = list(resume_state["val_history"])
+        start = resume_state["step"]
+        torch.random.set_rng_state(resume_state["rng_cpu"])
+        if device.type == "cuda" and resume_state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(resume_state["rng_cuda"])
+    n_params = model.n_params()
+
+    def checkpoint_state(step: int) -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "stats": stats.state(), "val_history": list(val_history), "config_hash": cfg.config_hash(),
+                "rng_cpu": torch.random.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+    def do_eval(step: int) -> float:
+        v = float(evaluate(model, val_set, autocast))
+        val_history.append((step, v))
+        hooks.on_eval(step, v)  # may raise Pruned
+        return v
+
+    t_last, tokens_last = time.perf_counter(), start
+    status = "FINISHED"
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = sampler.batch(step)
+            with autocast():
+                loss = model.loss(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            before = torch.nn.utils.clip_grad_norm_(params, clip)
+            scale = torch.clamp(clip / (before + CLIP_EPS), max=1.0)
+            row = torch.stack([loss.detach().double(), before.double(), (before * scale).double(),
+                               (before > clip).double(), scale.double()])
+            stats.interval += row
+            stats.total += row
+            stats.n_interval += 1
+            if step >= window_start:
+                stats.final_losses[step - window_start] = loss.detach()
+            opt.step()
+            hooks.on_step(step + 1)
+            done = step + 1
+            if done % t.log_interval == 0 or done == cfg.steps:
+                means = (stats.interval / stats.n_interval).tolist()  # the one sync per interval
+                if not all(math.isfinite(m) for m in means[:2]):
+                    status = "DIVERGED"
+                    break
+                now = time.perf_counter()
+                metrics = dict(zip(("train_loss", "grad_norm_before_clip", "grad_norm_after_clip",
+                                    "clip_frequency", "effective_lr_scale"), means))
+                metrics["lr"] = lr
+                metrics["tokens_per_s"] = (done - tokens_last) * cfg.tokens_per_step / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, done
+                stats.interval.zero_()
+                stats.n_interval = 0
+                hooks.on_log(done, metrics)
+            if done % t.eval_interval == 0 or done == cfg.steps:
+                if not math.isfinite(do_eval(done)):
+                    status = "DIVERGED"
+                    break
+            if done % t.checkpoint_every == 0 or done == cfg.steps:
+                hooks.on_checkpoint(done, checkpoint_state(done))
+    except Pruned:
+        status = "PRUNED"
+    steps_done = step + 1 if status != "FINISHED" else cfg.steps
+    return TrainResult(status=status, steps_done=steps_done, n_params=n_params,
+                       summary=_summary(cfg, stats, val_history, steps_done, status, n_params, corpus),
+                       val_history=val_history)
+
+
+def _summary(cfg: RunConfig, stats: _Stats, val_history, steps_done: int, status: str, n_params: int,
+             corpus: Corpus) -> dict[str, float]:
+    total = (stats.total / max(steps_done, 1)).tolist()
+    s: dict[str, float] = {"n_params": n_params, "tokens_seen": steps_done * cfg.tokens_per_step,
+                           **corpus.baselines}
+    if status == "DIVERGED":
+        return s
+    s.update(avg_grad_norm_before=total[1], avg_grad_norm_after=total[2], avg_clip_frequency=total[3],
+             avg_effective_lr_scale=total[4])
+    if val_history:
+        vals = [v for _, v in val_history]
+        i = min(range(len(vals)), key=vals.__getitem__)
+        s.update(final_val_loss=vals[-1], min_val_loss=vals[i], min_val_loss_step=val_history[i][0],
+                 val_loss_rise=vals[-1] - vals[i])
+    if status == "FINISHED":
+        fl = stats.final_losses
+        s.update(final_train_loss=float(fl.mean()), train_loss_std=float(fl.std()) if len(fl) > 1 else 0.0)
+    return s
