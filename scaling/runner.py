@@ -116,11 +116,11 @@ def sigterm_as_interrupt():
 
 def prepare(cfg: RunConfig, data_dir=None, tracking_uri=None, device: str = "auto", quiet: bool = False):
     """Check the store, the device and the data before any run exists; print the data mapping."""
-    client = tracking.connect(tracking_uri)
     dev = resolve_device(device)
     corpus = load_corpus(cfg.phase, cfg.seed, data_dir, (cfg.train_split, cfg.val_split))
-    if not quiet:
-        print(f"data: {corpus.source} (fingerprint {corpus.fingerprint})", file=sys.stderr)
+    client = tracking.connect(tracking_uri)
+    # Always said, even in quiet mode: which split trains and which validates is part of the result.
+    print(f"data: {corpus.source} (fingerprint {corpus.fingerprint})", file=sys.stderr)
     return client, dev, corpus
 
 

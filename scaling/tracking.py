@@ -61,9 +61,13 @@ def _default_artifact_location(uri: str) -> str | None:
 
 def connect(uri: str | None = None, check: bool = True):
     """An ``MlflowClient`` on the resolved store; with ``check``, fail fast if it cannot be reached."""
+    import logging
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..." noise
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         # Fail in seconds, not after MLflow's default minutes of retries.

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny phases (seconds to train), a temp SQLite MLflow store, the tiny WikiText fixture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_TEXT = FIXTURES / "wikitext-tiny"  # wiki.valid.tokens + wiki.test.tokens (no train split)
+
+TINY_TEXT_PHASE = """\
+name: tiny_text
+description: tiny char-level model for tests
+data: {dataset: wikitext2}
+model: {d_model: 32, n_layers: 2, n_heads: 2, context_length: 32, vocab_size: 128}
+optim: {betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, warmup: 5, schedule: constant}
+train: {budget_kind: steps, budget: 40, eval_interval: 10, eval_batches: 2, log_interval: 5, checkpoint_every: 10, seeds: [0]}
+grid:
+  batch_sizes: [4, 8]
+  lrs: [1.0e-3, 3.0e-3]
+  clips: [1.0]
+"""
+
+TINY_RANDOM_PHASE = """\
+name: tiny_random
+data: {dataset: random, random_train_tokens: 20000, random_val_tokens: 4000}
+model: {d_model: 16, n_layers: 1, n_heads: 2, context_length: 16, vocab_size: 32}
+optim: {warmup: 2}
+train: {budget_kind: steps, budget: 20, eval_interval: 10, eval_batches: 2, log_interval: 5, checkpoint_every: 10}
+grid: {batch_sizes: [4, 8], lrs: [1.0e-3, 1.0e-2], clips: [1.0]}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """No test touches the user's ~/.cache or ./mlruns, or inherits a tracking URI / data dir."""
+    monkeypatch.setenv("SCALING_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "SCALING_DATA_DIR", "SCALING_SPLITS"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tiny_text_phase(tmp_path) -> Path:
+    p = tmp_path / "tiny_text.yaml"
+    p.write_text(TINY_TEXT_PHASE)
+    return p
+
+
+@pytest.fixture
+def tiny_random_phase(tmp_path) -> Path:
+    p = tmp_path / "tiny_random.yaml"
+    p.write_text(TINY_RANDOM_PHASE)
+    return p
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run the real `scaling` CLI in a subprocess (as a user would)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "scaling.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=timeout)
+
+
+def dedent(s: str) -> str:
+    return textwrap.dedent(s)

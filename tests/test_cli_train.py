@@ -1,0 +1,126 @@
+"""`scaling train` end to end, as a user runs it: a real subprocess, a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_TEXT, run_cli
+
+DATA = ["--data-dir", str(TINY_TEXT), "--splits", "valid:test", "--device", "cpu", "--quiet"]
+
+
+def _runs(uri, phase="tiny_text"):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(f"scaling-phase-{phase}")
+    return c, ([] if exp is None else c.search_runs([exp.experiment_id]))
+
+
+def test_train_records_everything_in_mlflow(tmp_path, tracking_uri, tiny_text_phase):
+    r = run_cli("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 3e-3, *DATA,
+                "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "train on wiki.valid.tokens, validate on wiki.test.tokens" in r.stderr  # the mapping is printed
+    client, runs = _runs(tracking_uri)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    p, t, m = run.data.params, run.data.tags, run.data.metrics
+    assert p["batch_size"] == "8" and float(p["lr"]) == 3e-3 and p["grad_clip"] == "1.0"
+    assert p["train_split"] == "valid" and p["val_split"] == "test" and p["dataset"] == "wikitext2"
+    assert int(p["n_params"]) > 0 and p["device"] == "cpu" and p["converged"] == "True"
+    assert len(p["dataset_fingerprint"]) == 16
+    assert t["phase"] == "tiny_text" and len(t["config_hash"]) == 16 and t["source"] == "train"
+    assert t["diverged"] == "false" and t["learned"] in ("true", "false")
+    for k in ("final_train_loss", "final_val_loss", "train_loss_std", "avg_grad_norm_before", "avg_grad_norm_after",
+              "avg_clip_frequency", "min_val_loss", "tokens_seen", "baseline_unigram_loss"):
+        assert math.isfinite(m[k]), k
+    assert m["avg_grad_norm_after"] <= m["avg_grad_norm_before"]
+    hist = {k: client.get_metric_history(run.info.run_id, k) for k in
+            ("train_loss", "val_loss", "grad_norm_before_clip", "grad_norm_after_clip", "clip_frequency",
+             "effective_lr_scale", "lr", "tokens_per_s")}
+    assert [x.step for x in hist["val_loss"]] == [10, 20, 30, 40]
+    assert [x.step for x in hist["train_loss"]] == list(range(5, 41, 5))
+    for before, after, freq in zip(hist["grad_norm_before_clip"], hist["grad_norm_after_clip"], hist["clip_frequency"]):
+        assert after.value <= before.value + 1e-9
+        if freq.value == 1.0:
+            assert after.value <= 1.0 + 1e-6
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"config.json", "checkpoints/last.pt"} <= arts
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == p["dataset_fingerprint"]
+
+
+def test_divergence_is_recorded_not_a_crash(tmp_path, tracking_uri, tiny_text_phase):
+    r = run_cli("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 1e4, "--clip", "none",
+                "--warmup", 0, *DATA, "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "DIVERGED" in r.stdout and "Traceback" not in r.stderr
+    _, runs = _runs(tracking_uri)
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["diverged"] == "true"
+    assert runs[0].data.params["grad_clip"] == "none"
+
+
+def _start(tmp_path, uri, phase, steps):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", "--phase-file", str(phase),
+                             "--batch-size", "8", "--lr", "3e-3", "--steps", str(steps), "--checkpoint-every", "20",
+                             *DATA, "--tracking-uri", uri], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(uri, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        client, runs = _runs(uri)
+        if runs:
+            names = {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoints")}
+            if "checkpoints/last.pt" in names:
+                return runs[0].info.run_id
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_text_phase, sig):
+    steps = 1500
+    uri = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    proc = _start(tmp_path, uri, tiny_text_phase, steps)
+    run_id = _wait_for_checkpoint(uri, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    client, runs = _runs(uri)
+    status = runs[0].info.status
+    assert status == ("RUNNING" if sig == signal.SIGKILL else "KILLED")
+    r = run_cli("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 3e-3, "--steps", steps,
+                "--checkpoint-every", 20, *DATA, "--tracking-uri", uri, "--resume", run_id, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    _, runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    resumed = runs[0].data.metrics
+    # the same configuration uninterrupted, in another store
+    uri_b = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    r = run_cli("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 3e-3, "--steps", steps,
+                "--checkpoint-every", 20, *DATA, "--tracking-uri", uri_b, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    _, runs_b = _runs(uri_b)
+    full = runs_b[0].data.metrics
+    for k in ("final_val_loss", "final_train_loss", "train_loss_std", "avg_grad_norm_before", "avg_clip_frequency"):
+        assert resumed[k] == pytest.approx(full[k], rel=1e-6), k
+
+
+def test_resume_with_other_options_is_refused(tmp_path, tracking_uri, tiny_text_phase):
+    r = run_cli("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 3e-3, "--steps", 10, *DATA,
+                "--tracking-uri", tracking_uri, cwd=tmp_path)
+    _, runs = _runs(tracking_uri)
+    r = run_cli("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 1e-3, "--steps", 10, *DATA,
+                "--tracking-uri", tracking_uri, "--resume", runs[0].info.run_id, cwd=tmp_path)
+    assert r.returncode == 2 and "config_hash" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,149 @@
+"""Phase configs: built-ins load, grids are right, and every bad input is one clear ConfigError."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scaling.config import ConfigError, builtin_phase_names, load_phase, n_params_estimate
+
+from conftest import TINY_RANDOM_PHASE, run_cli
+
+
+def test_builtin_phases_match_the_study():
+    assert set(builtin_phase_names()) >= {"2", "2_5", "3a", "3b", "2_5_tokens"}
+    p2 = load_phase("2")
+    assert p2.data.dataset == "random" and p2.model.vocab_size == 65 and p2.model.d_model == 64
+    assert p2.grid.batch_sizes == (8, 16, 32, 64, 128, 256, 512) and len(p2.grid.lrs) == 7
+    assert p2.train.budget == 5000
+    p25 = load_phase("2_5")
+    assert p25.grid.batch_sizes == (32, 64, 128, 256)
+    assert p25.grid.lrs == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    assert p25.train.budget == 10000 and p25.optim.warmup == 200 and p25.grid.clips == (1.0,)
+    assert len(p25.grid_points()) == 20
+    p3a = load_phase("3a")
+    assert p3a.grid.batch_sizes == (128, 256) and p3a.grid.lrs == (0.01, 0.02, 0.03, 0.05, 0.1)
+    assert p3a.train.budget == 5000
+
+
+def test_phase_3b_pairs_lr_with_batch_size_and_crosses_clips():
+    pts = load_phase("3b").grid_points()
+    assert len(pts) == 8
+    assert {(b, lr) for b, lr, _, _ in pts} == {(32, 0.001), (256, 0.05)}
+    assert {c for _, _, c, _ in pts} == {None, 10.0, 1.0, 0.1}
+
+
+def test_token_budget_gives_equal_tokens():
+    p = load_phase("2_5_tokens")
+    cfgs = [p.run_config(b, 1e-3) for b in p.grid.batch_sizes]
+    assert {c.steps * c.tokens_per_step for c in cfgs} == {81_920_000}
+    assert [c.steps for c in cfgs] == [20000, 10000, 5000, 2500]
+    assert [c.warmup_steps for c in cfgs] == [400, 200, 100, 50]
+
+
+def test_param_estimates_match_the_phase_notes():
+    assert 190_000 < n_params_estimate(load_phase("2").model) < 215_000
+    assert 780_000 < n_params_estimate(load_phase("2_5").model) < 830_000
+
+
+def test_config_hash_is_stable_and_sensitive():
+    p = load_phase("2_5")
+    a, b = p.run_config(64, 3e-3), p.run_config(64, 3e-3)
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != p.run_config(64, 1e-3).config_hash()
+    assert a.config_hash() != p.run_config(64, 3e-3, clip=None).config_hash()
+    assert a.config_hash() != p.run_config(64, 3e-3, splits=("valid", "test")).config_hash()
+    # how often we log does not change what is trained
+    assert a.config_hash() == p.with_overrides(log_interval=7).run_config(64, 3e-3).config_hash()
+
+
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("name: x\nfoo: 1\n", "unknown key 'foo'"),
+    ("name: x\nmodel: {d_modle: 3}\n", "unknown key model.'d_modle'"),
+    ("name: x\ngrid: {batch_sizes: [0], lrs: [0.1]}\n", "batch_size must be an integer >= 1, got 0"),
+    ("name: x\ngrid: {batch_sizes: [4], lrs: [-0.1]}\n", "lr must be a number > 0, got -0.1"),
+    ("name: x\ngrid: {batch_sizes: [4], lrs: [0.1], clips: [0]}\n", "grad_clip must be a number > 0, got 0"),
+    ("name: x\ntrain: {budget: 0}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "steps must be an integer >= 1, got 0"),
+    ("name: x\nmodel: {d_model: 10, n_heads: 3}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "divisible"),
+    ("[1, 2]\n", "expected a mapping"),
+])
+def test_bad_phase_files(tmp_path, yaml_text, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_phase(phase_file=f)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_phase():
+    with pytest.raises(ConfigError, match="unknown phase 'nope'"):
+        load_phase("nope")
+
+
+finite_bad = st.one_of(st.floats(max_value=0.0, allow_nan=False), st.just(math.nan), st.just(math.inf))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lr=finite_bad)
+def test_any_non_positive_or_non_finite_lr_is_rejected(lr):
+    with pytest.raises(ConfigError, match="lr must be a number > 0"):
+        load_phase("2_5").run_config(32, lr)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(max_value=0))
+def test_any_batch_size_below_one_is_rejected(b):
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
+        load_phase("2_5").run_config(b, 1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(clip=st.floats(max_value=0.0, allow_nan=False))
+def test_any_non_positive_clip_is_rejected(clip):
+    with pytest.raises(ConfigError, match="grad_clip must be a number > 0"):
+        load_phase("2_5").run_config(32, 1e-3, clip=clip)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 4096), lr=st.floats(1e-8, 10.0), steps=st.integers(1, 10**6))
+def test_valid_values_resolve(b, lr, steps):
+    cfg = load_phase("2_5").with_overrides(steps=steps).run_config(b, lr)
+    assert cfg.steps == steps and cfg.batch_size == b and cfg.lr == lr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--phase", "nope", "--batch-size", "4", "--lr", "0.1"], "unknown phase 'nope'"),
+    (["--batch-size", "0", "--lr", "0.1"], "batch_size must be an integer >= 1, got 0"),
+    (["--batch-size", "4", "--lr", "-1"], "lr must be a number > 0, got -1.0"),
+    (["--batch-size", "4", "--lr", "0.1", "--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["--batch-size", "4", "--lr", "0.1", "--clip", "0"], "grad_clip must be a number > 0, got 0.0"),
+    (["--batch-size", "4", "--lr", "0.1", "--phase-file", "missing.yaml"], "phase file not found"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_creates_nothing(tmp_path, tracking_uri, args, needle):
+    phase = tmp_path / "p.yaml"
+    phase.write_text(TINY_RANDOM_PHASE)
+    if "--phase" not in args and "--phase-file" not in args:
+        args = ["--phase-file", phase, *args]
+    r = run_cli("train", *args, "--device", "cpu", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mlruns").exists()  # not even the database was created
+
+
+def test_cli_missing_data_source_is_one_line(tmp_path, tracking_uri):
+    r = run_cli("train", "--phase", "2_5", "--batch-size", "4", "--lr", "0.1", "--steps", "1", "--device", "cpu",
+                "--data-dir", tmp_path / "nowhere", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "data directory not found" in r.stderr and "--data-dir" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_phases_lists_the_grids():
+    r = run_cli("phases")
+    assert r.returncode == 0
+    assert "2_5" in r.stdout and "32, 64, 128, 256" in r.stdout and "3b" in r.stdout

@@ -1,0 +1,111 @@
+"""The training loop on a real tiny model: clip metrics by construction, divergence, resume equivalence."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from scaling.config import load_phase
+from scaling.data import load_corpus
+from scaling.train import Hooks, lr_at, train
+
+from conftest import TINY_TEXT
+
+
+@pytest.fixture
+def corpus(tiny_text_phase):
+    phase = load_phase(phase_file=tiny_text_phase)
+    return phase, load_corpus(phase, 0, TINY_TEXT, ("valid", "test"))
+
+
+def _run(phase, corpus, lr=3e-3, clip=1.0, steps=20, resume_state=None, **over):
+    cfg = phase.with_overrides(steps=steps, **over).run_config(8, lr, clip, splits=("valid", "test"))
+    logs, evals, ckpts = [], [], []
+    hooks = Hooks(on_log=lambda s, m: logs.append((s, m)), on_eval=lambda s, v: evals.append((s, v)),
+                  on_checkpoint=lambda s, st: ckpts.append((s, copy.deepcopy(st))))  # state holds live tensors
+    return cfg, train(cfg, corpus, torch.device("cpu"), hooks, resume_state), logs, evals, ckpts
+
+
+@pytest.mark.parametrize("clip", [0.05, 1.0, 1e6, None])
+def test_clip_metric_invariants(corpus, clip):
+    phase, c = corpus
+    cfg, res, logs, _, _ = _run(phase, c, clip=clip, log_interval=1)
+    assert res.status == "FINISHED"
+    for _, m in logs:
+        before, after, freq, scale = (m["grad_norm_before_clip"], m["grad_norm_after_clip"],
+                                      m["clip_frequency"], m["effective_lr_scale"])
+        assert after <= before + 1e-9 and 0 <= freq <= 1 and 0 < scale <= 1
+        if clip is None:
+            assert after == before and freq == 0 and scale == 1
+        elif freq == 1:  # clipping fired: the applied norm is at most the threshold, never the raw norm
+            assert after <= clip * (1 + 1e-6) and after < before
+        elif freq == 0:
+            assert after == pytest.approx(before) and scale == pytest.approx(1.0, abs=1e-6)
+    s = res.summary
+    if clip == 0.05:
+        assert s["avg_clip_frequency"] == 1.0 and s["avg_grad_norm_after"] <= 0.05 * (1 + 1e-6)
+        assert s["avg_grad_norm_before"] > s["avg_grad_norm_after"]
+    if clip in (None, 1e6):
+        assert s["avg_clip_frequency"] == 0 and s["avg_grad_norm_after"] == pytest.approx(s["avg_grad_norm_before"])
+
+
+def test_applied_gradient_norm_really_is_the_reported_one(corpus):
+    """Recompute the post-clip norm from the gradients themselves after one step."""
+    phase, c = corpus
+    from scaling.model import build_model
+    cfg = phase.with_overrides(steps=1).run_config(8, 1e-3, 0.1, splits=("valid", "test"))
+    model = build_model(phase.model, 0)
+    from scaling.data import BatchSampler
+    x, y = BatchSampler(c.train, 0, 8, phase.model.context_length).batch(0)
+    model.loss(x, y).backward()
+    before = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.1)
+    applied = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    scale = min(1.0, 0.1 / (float(before) + 1e-6))
+    assert float(applied) == pytest.approx(float(before) * scale, rel=1e-5)
+    assert float(applied) <= 0.1 + 1e-6
+
+
+def test_summaries(corpus):
+    phase, c = corpus
+    cfg, res, logs, evals, ckpts = _run(phase, c, steps=40)
+    s = res.summary
+    assert [st for st, _ in evals] == [10, 20, 30, 40]
+    assert s["final_val_loss"] == evals[-1][1]
+    assert s["min_val_loss"] == min(v for _, v in evals)
+    assert s["val_loss_rise"] == pytest.approx(s["final_val_loss"] - s["min_val_loss"])
+    assert s["tokens_seen"] == 40 * 8 * phase.model.context_length
+    assert s["final_train_loss"] < math.log(128) and s["train_loss_std"] >= 0
+    assert {"baseline_uniform_loss", "baseline_unigram_loss", "baseline_bigram_loss"} <= set(s)
+    assert [st for st, _ in ckpts] == [10, 20, 30, 40]
+    assert [st for st, _ in logs] == list(range(5, 41, 5))
+
+
+def test_lr_schedule():
+    phase = load_phase("2_5")
+    cfg = phase.run_config(32, 1e-3)
+    assert lr_at(cfg, 0) == pytest.approx(1e-3 / 200) and lr_at(cfg, 199) == 1e-3 and lr_at(cfg, 5000) == 1e-3
+    cos = phase.with_overrides(steps=1000, warmup=0)
+    import dataclasses
+    cos = dataclasses.replace(cos, optim=dataclasses.replace(cos.optim, schedule="cosine")).run_config(32, 1e-3)
+    assert lr_at(cos, 0) == pytest.approx(1e-3) and lr_at(cos, 1000) == pytest.approx(1e-4)
+
+
+def test_divergence_stops_the_run_without_crashing(corpus):
+    phase, c = corpus
+    _, res, _, _, _ = _run(phase, c, lr=1e4, clip=None, steps=40, warmup=0)
+    assert res.status == "DIVERGED" and res.steps_done < 40
+    assert "final_val_loss" not in res.summary
+
+
+def test_resume_from_checkpoint_is_identical_to_uninterrupted(corpus):
+    phase, c = corpus
+    _, full, full_logs, full_evals, ckpts = _run(phase, c, steps=30)
+    mid = next(st for s, st in ckpts if s == 10)
+    _, resumed, logs, evals, _ = _run(phase, c, steps=30, resume_state=mid)
+    assert evals == full_evals[1:]
+    strip = lambda rows: [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in rows if s > 10]
+    assert strip(logs) == strip(full_logs)
+    assert resumed.summary == full.summary
