@@ -1,8 +1,8 @@
 """Data: WikiText-2 characters (through ``datasets``) or seeded random tokens, on device, sampled by index.
 
 Tokenization is character level with a fixed vocabulary of 128: a character with code point < 128
-(ASCII) is its own id; every other character (accented letters, CJK, typographic dashes... about
-0.3% of WikiText-2's characters) maps to id 0, "unknown" — NUL never occurs in the text, so id 0
+(ASCII) is its own id; every other character (accented letters, CJK, typographic dashes: about
+0.07% of the characters of WikiText-2's validation split) maps to id 0, "unknown" — NUL never occurs in the text, so id 0
 means exactly "a non-ASCII character". Lines are joined with their newlines.
 
 Where the text comes from, in order: ``--data-dir``/``SCALING_DATA_DIR`` (files

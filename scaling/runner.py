@@ -114,7 +114,7 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def prepare(cfg: RunConfig, data_dir=None, tracking_uri=None, device: str = "auto", quiet: bool = False):
+def prepare(cfg: RunConfig, data_dir=None, tracking_uri=None, device: str = "auto"):
     """Check the store, the device and the data before any run exists; print the data mapping."""
     dev = resolve_device(device)
     corpus = load_corpus(cfg.phase, cfg.seed, data_dir, (cfg.train_split, cfg.val_split))
@@ -210,71 +210,132 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunO
                       pruned=result.status == "PRUNED")
 
 
+class RunRecorder:
+    """The MLflow side of one run while it trains: metrics (background sink), checkpoints, progress."""
+
+    def __init__(self, client, run_id: str, bar=None, on_eval=None):
+        self.client, self.run_id, self.bar, self.on_eval = client, run_id, bar, on_eval
+        self.sink = MetricSink(client, run_id)
+
+    def hooks(self) -> Hooks:
+        def on_log(step, metrics):
+            self.sink.put(step, metrics)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", clip=f"{metrics['clip_frequency']:.2f}")
+
+        def on_eval(step, v):
+            self.sink.put(step, {"val_loss": v})
+            if self.on_eval is not None:
+                self.on_eval(step, v)
+
+        return Hooks(on_log=on_log, on_eval=on_eval,
+                     on_checkpoint=lambda step, state: save_checkpoint(self.client, self.run_id, state),
+                     on_step=(lambda step: self.bar.update(1)) if self.bar is not None else (lambda step: None))
+
+    def close(self, status: str | None = None) -> None:
+        """Flush metrics; with ``status``, also end the run (KILLED/FAILED on interruption or error)."""
+        if self.bar is not None:
+            self.bar.close()
+        try:
+            self.sink.close()
+        finally:
+            if status is not None:
+                tracking.with_retry(self.client.set_terminated, self.run_id, status)
+
+
+def open_run(client, cfg: RunConfig, corpus: Corpus, dev, *, resume_run_id=None, source="train",
+             parent_run_id=None, extra_tags=None) -> tuple[str, dict | None]:
+    """A new run for ``cfg``, or the existing ``resume_run_id`` (checked) with its last checkpoint."""
+    if not resume_run_id:
+        return start_run(client, cfg, corpus, dev, source, parent_run_id, extra_tags), None
+    try:
+        run = client.get_run(resume_run_id)
+    except Exception:
+        raise ConfigError(f"resume: no MLflow run {resume_run_id!r} in {client.tracking_uri}") from None
+    have = run.data.tags.get(tracking.TAG_CONFIG_HASH)
+    if have != cfg.config_hash():
+        raise ConfigError(f"resume: run {resume_run_id} has config_hash {have}, but these options give "
+                          f"{cfg.config_hash()}; pass the options it was started with")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"resume: run {resume_run_id} is already FINISHED")
+    state = load_checkpoint(client, resume_run_id)
+    client.update_run(resume_run_id, status="RUNNING")
+    tracking.set_tags(client, resume_run_id, {tracking.TAG_OWNER: tracking.owner_id()})
+    print(f"resuming run {resume_run_id} from step {state['step'] if state else 0}", file=sys.stderr)
+    return resume_run_id, state
+
+
 def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri=None, resume_run_id=None,
                progress: bool = True, source: str = "train", parent_run_id: str | None = None,
                extra_tags: dict | None = None, on_eval=None, prepared=None) -> RunOutcome:
     """Train one configuration and record it in MLflow; ``resume_run_id`` continues a killed run."""
-    client, dev, corpus = prepared or prepare(cfg, data_dir, tracking_uri, device, quiet=not progress)
-    resume_state = None
-    if resume_run_id:
-        try:
-            run = client.get_run(resume_run_id)
-        except Exception:
-            raise ConfigError(f"resume: no MLflow run {resume_run_id!r} in {client.tracking_uri}") from None
-        have = run.data.tags.get(tracking.TAG_CONFIG_HASH)
-        if have != cfg.config_hash():
-            raise ConfigError(f"resume: run {resume_run_id} has config_hash {have}, but these options give "
-                              f"{cfg.config_hash()}; pass the options it was started with")
-        if run.info.status == "FINISHED":
-            raise ConfigError(f"resume: run {resume_run_id} is already FINISHED")
-        run_id = resume_run_id
-        resume_state = load_checkpoint(client, run_id)
-        client.update_run(run_id, status="RUNNING")
-        tracking.set_tags(client, run_id, {tracking.TAG_OWNER: tracking.owner_id()})
-        at = resume_state["step"] if resume_state else 0
-        print(f"resuming run {run_id} from step {at}", file=sys.stderr)
-    else:
-        run_id = start_run(client, cfg, corpus, dev, source, parent_run_id, extra_tags)
+    client, dev, corpus = prepared or prepare(cfg, data_dir, tracking_uri, device)
+    run_id, resume_state = open_run(client, cfg, corpus, dev, resume_run_id=resume_run_id, source=source,
+                                    parent_run_id=parent_run_id, extra_tags=extra_tags)
     corpus.to(dev)
-    sink = MetricSink(client, run_id)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=resume_state["step"] if resume_state else 0, unit="step",
                    desc=f"B={cfg.batch_size} lr={cfg.lr:g}", file=sys.stderr, mininterval=1.0)
-
-    def on_log(step, metrics):
-        sink.put(step, metrics)
-        if bar is not None:
-            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", clip=f"{metrics['clip_frequency']:.2f}")
-
-    def on_eval_hook(step, v):
-        sink.put(step, {"val_loss": v})
-        if on_eval is not None:
-            on_eval(step, v)
-
-    hooks = Hooks(on_log=on_log, on_eval=on_eval_hook,
-                  on_checkpoint=lambda step, state: save_checkpoint(client, run_id, state),
-                  on_step=(lambda step: bar.update(1)) if bar is not None else (lambda step: None))
+    rec = RunRecorder(client, run_id, bar, on_eval)
     try:
         with sigterm_as_interrupt():
-            result = train(cfg, corpus, dev, hooks, resume_state)
+            result = train(cfg, corpus, dev, rec.hooks(), resume_state)
     except (KeyboardInterrupt, _Terminated):
-        if bar is not None:
-            bar.close()
-        sink.close()
-        tracking.with_retry(client.set_terminated, run_id, "KILLED")
+        rec.close("KILLED")
         print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
         raise KeyboardInterrupt from None
     except BaseException:
-        sink.close()
-        tracking.with_retry(client.set_terminated, run_id, "FAILED")
+        rec.close("FAILED")
         raise
-    if bar is not None:
-        bar.close()
-    sink.close()
+    rec.close()
     return finish_run(client, run_id, cfg, result)
 
 
-__all__ = ["RunOutcome", "run_config", "prepare", "start_run", "finish_run", "load_checkpoint", "save_checkpoint",
-           "Pruned"]
+def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracking_uri=None,
+              resume_run_ids: list[str | None] | None = None, progress: bool = True, source: str = "sweep",
+              parent_run_id: str | None = None, extra_tags: list[dict] | None = None, on_evals=None,
+              prepared=None, compile: bool = False) -> list[RunOutcome]:
+    """Train several configurations of one phase together (``scaling.batched``), one MLflow run each.
+
+    Same records per run as :func:`run_config`; the configs share the corpus, so for random-token data
+    they must share the seed.
+    """
+    from scaling.batched import train_group
+
+    n = len(cfgs)
+    client, dev, corpus = prepared or prepare(cfgs[0], data_dir, tracking_uri, device)
+    resume_run_ids = resume_run_ids or [None] * n
+    extra_tags = extra_tags or [None] * n
+    on_evals = on_evals or [None] * n
+    opened = [open_run(client, c, corpus, dev, resume_run_id=r, source=source, parent_run_id=parent_run_id,
+                       extra_tags=t) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
+    corpus.to(dev)
+    recs = [RunRecorder(client, run_id, None, ev) for (run_id, _), ev in zip(opened, on_evals)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=max(c.steps for c in cfgs), unit="step", desc=f"{n} configs", file=sys.stderr,
+                   mininterval=1.0)
+        last = recs[max(range(n), key=lambda i: cfgs[i].steps)]
+        last.bar = bar
+    try:
+        with sigterm_as_interrupt():
+            results = train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
+                                  compile=compile)
+    except (KeyboardInterrupt, _Terminated):
+        for r in recs:
+            r.close("KILLED")
+        raise KeyboardInterrupt from None
+    except BaseException:
+        for r in recs:
+            r.close("FAILED")
+        raise
+    for r in recs:
+        r.close()
+    return [finish_run(client, run_id, c, res) for (run_id, _), c, res in zip(opened, cfgs, results)]
+
+
+__all__ = ["RunOutcome", "run_config", "run_group", "prepare", "open_run", "start_run", "finish_run",
+           "load_checkpoint", "save_checkpoint", "Pruned"]
