@@ -1,0 +1,302 @@
+"""``scaling import FILE --phase P``: an existing results table → FINISHED MLflow runs of phase P.
+
+Each CSV row becomes one run in ``scaling-phase-<P>`` with the params, tags and summary metrics of a
+native run (docs/run-schema.md): ``source=import``, ``import_file``, ``import_row`` (the line
+number), ``phase``, ``config_hash`` (of the phase's resolved config for that batch size / LR / clip /
+steps), ``learned`` from the dataset's baselines when the data is available locally ("unknown"
+otherwise). Every row is validated before anything is created: a bad row is a ConfigError naming its
+line, and nothing from the file is imported. Re-importing creates nothing: each run carries an import
+key (sha256 of the phase, the row's content and its occurrence among identical rows), and rows whose
+key is already in the experiment are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaling import tracking
+from scaling.config import ConfigError, Phase, load_phase
+
+TAG_IMPORT_KEY = "scaling.import_key"
+TAG_IMPORT_FILE = "import_file"
+TAG_IMPORT_ROW = "import_row"
+
+REQUIRED = ("batch_size", "lr", "final_val_loss")
+#: CSV column → native name (aliases of the study's tables).
+ALIASES = {"gradient_clip": "grad_clip", "clip": "grad_clip", "num_steps": "steps", "learning_rate": "lr",
+           "val_loss": "final_val_loss", "train_loss": "final_train_loss"}
+#: Summary metrics of docs/run-schema.md a table may carry.
+METRICS = ("final_train_loss", "final_val_loss", "train_loss_std", "avg_grad_norm_before",
+           "avg_grad_norm_after", "avg_clip_frequency", "min_val_loss", "min_val_loss_step",
+           "val_loss_rise", "tokens_seen", "n_params", "tail_index_alpha")
+BOOL_TRUE = ("true", "1", "yes", "y", "t")
+BOOL_FALSE = ("false", "0", "no", "n", "f")
+
+
+@dataclass
+class ImportSummary:
+    file: str
+    phase: str
+    experiment_id: str
+    rows: int
+    created: int
+    skipped: int
+    run_ids: list[str] = field(default_factory=list)
+    baselines: dict[str, float] | None = None
+    baselines_note: str = ""
+    learned: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        learned = (f"learned: {self.learned.get('true', 0)} yes, {self.learned.get('false', 0)} no, "
+                   f"{self.learned.get('unknown', 0)} unknown")
+        note = f" ({self.baselines_note})" if self.baselines_note else ""
+        return (f"imported {self.created} run(s) from {self.file} into {tracking.experiment_name(self.phase)} "
+                f"({self.skipped} already there); {learned}{note}")
+
+
+@dataclass
+class _Row:
+    line: int
+    key: str
+    batch_size: int
+    lr: float
+    clip: float | None
+    clip_given: bool
+    steps: int | None
+    seed: int | None
+    converged: bool | None
+    diverged: bool
+    metrics: dict[str, float]
+    extra: dict[str, str]
+
+
+def _canon(name: str) -> str:
+    n = name.strip().lower().replace(" ", "_").replace("-", "_")
+    return ALIASES.get(n, n)
+
+
+def read_table(path: str | Path, phase_name: str) -> list[_Row]:
+    """Parse and validate the whole file (ConfigError with the line number on the first bad row)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{str(p)!r} is a directory, not a CSV file")
+    if not p.is_file():
+        raise ConfigError(f"import file not found: {str(p)!r}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p.name} is not a CSV file (not UTF-8 text)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{p.name} is not a CSV file (binary content)")
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    delim = "\t" if "\t" in first and "," not in first else ";" if ";" in first and "," not in first else ","
+    reader = csv.reader(io.StringIO(text), delimiter=delim)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ConfigError(f"{p.name} is not a CSV file (it is empty)") from None
+    except csv.Error as e:
+        raise ConfigError(f"{p.name} is not a CSV file ({e})") from None
+    cols = [_canon(h) for h in header]
+    missing = [c for c in REQUIRED if c not in cols]
+    if missing:
+        raise ConfigError(f"{p.name} is not a results CSV: its header lacks {', '.join(missing)} "
+                          f"(got {', '.join(h.strip() for h in header[:8]) or 'nothing'})")
+    dup = [c for c in set(cols) if cols.count(c) > 1]
+    if dup:
+        raise ConfigError(f"{p.name}: column {dup[0]!r} appears twice in the header")
+    rows: list[_Row] = []
+    seen: dict[str, int] = {}
+    try:
+        for rec in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in rec):
+                continue
+            if len(rec) != len(cols):
+                raise ConfigError(f"{p.name} line {line}: {len(rec)} fields, the header has {len(cols)}")
+            d = {c: v.strip() for c, v in zip(cols, rec)}
+            content = "\x1f".join(f"{c}={d[c]}" for c in sorted(d))
+            n = seen.get(content, 0)
+            seen[content] = n + 1
+            key = hashlib.sha256(f"{phase_name}\x1e{content}\x1e{n}".encode()).hexdigest()
+            rows.append(_parse_row(p.name, line, d, key))
+    except csv.Error as e:
+        raise ConfigError(f"{p.name} line {reader.line_num}: not valid CSV ({e})") from None
+    if not rows:
+        raise ConfigError(f"{p.name}: no data rows")
+    return rows
+
+
+def _num(fname: str, line: int, col: str, v: str, required: bool = False) -> float | None:
+    if v == "" or v.lower() in ("na", "n/a", "null", "none"):
+        if required:
+            raise ConfigError(f"{fname} line {line}: required field {col!r} is missing")
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ConfigError(f"{fname} line {line}: {col} must be a number, got {v!r}") from None
+
+
+def _parse_row(fname: str, line: int, d: dict[str, str], key: str) -> _Row:
+    b = _num(fname, line, "batch_size", d["batch_size"], True)
+    if not (math.isfinite(b) and b >= 1 and b == int(b)):
+        raise ConfigError(f"{fname} line {line}: batch_size must be an integer >= 1, got {d['batch_size']!r}")
+    lr = _num(fname, line, "lr", d["lr"], True)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"{fname} line {line}: lr must be a number > 0, got {d['lr']!r}")
+    loss = _num(fname, line, "final_val_loss", d["final_val_loss"], True)
+    converged = None
+    if d.get("converged", "") != "":
+        c = d["converged"].lower()
+        if c not in BOOL_TRUE + BOOL_FALSE:
+            raise ConfigError(f"{fname} line {line}: converged must be True or False, got {d['converged']!r}")
+        converged = c in BOOL_TRUE
+    diverged = not math.isfinite(loss)
+    if diverged and converged:
+        raise ConfigError(f"{fname} line {line}: final_val_loss is {d['final_val_loss']!r} but converged is True")
+    clip, clip_given = None, "grad_clip" in d and d["grad_clip"] != ""
+    if clip_given:
+        if d["grad_clip"].lower() in ("none", "off", "null", "nan", "inf"):
+            clip = None
+        else:
+            clip = _num(fname, line, "grad_clip", d["grad_clip"])
+            if not (math.isfinite(clip) and clip > 0):
+                raise ConfigError(f"{fname} line {line}: grad_clip must be a number > 0 or 'none', got {d['grad_clip']!r}")
+    steps = None
+    if d.get("steps", "") != "":
+        s = _num(fname, line, "steps", d["steps"])
+        if not (math.isfinite(s) and s >= 1 and s == int(s)):
+            raise ConfigError(f"{fname} line {line}: steps must be an integer >= 1, got {d['steps']!r}")
+        steps = int(s)
+    seed = None
+    if d.get("seed", "") != "":
+        s = _num(fname, line, "seed", d["seed"])
+        if not (math.isfinite(s) and s >= 0 and s == int(s)):
+            raise ConfigError(f"{fname} line {line}: seed must be an integer >= 0, got {d['seed']!r}")
+        seed = int(s)
+    metrics = {}
+    for m in METRICS:
+        if m in d and m != "final_val_loss":
+            v = _num(fname, line, m, d[m])
+            if v is not None:
+                if not math.isfinite(v) and not diverged:
+                    raise ConfigError(f"{fname} line {line}: {m} must be finite, got {d[m]!r}")
+                if math.isfinite(v):
+                    metrics[m] = v
+    if not diverged:
+        metrics["final_val_loss"] = loss
+    known = {"batch_size", "lr", "grad_clip", "steps", "seed", "converged", *METRICS}
+    extra = {c: v for c, v in d.items() if c not in known and v != ""}
+    return _Row(line, key, int(b), float(lr), clip, clip_given, steps, seed, converged, diverged, metrics, extra)
+
+
+def _baselines(phase: Phase, data_dir, splits) -> tuple[dict[str, float] | None, str]:
+    try:
+        from scaling.data import baselines_for_phase
+    except ImportError:
+        return None, "baselines unknown: scaling.data is not available"
+    try:
+        return baselines_for_phase(phase, data_dir=data_dir, splits=splits), ""
+    except ConfigError as e:
+        return None, f"baselines unknown: {str(e).split(';')[0]}"
+
+
+def import_table(path: str | Path, phase: str | None = None, tracking_uri: str | None = None,
+                 phase_file: str | Path | None = None, data_dir: str | Path | None = None,
+                 splits: tuple[str, str] | None = None) -> ImportSummary:
+    """Import ``path`` as runs of ``phase`` (a built-in name, or the phase of ``phase_file``).
+    Idempotent; all-or-nothing; ConfigError/TrackingError with one line on bad input."""
+    if phase is None and phase_file is None:
+        raise ConfigError("give the phase the table belongs to: --phase NAME or --phase-file FILE")
+    ph = load_phase(phase if phase_file is None else None, phase_file)
+    if phase is not None and phase_file is not None and ph.name != phase:
+        raise ConfigError(f"--phase {phase!r} does not match the name {ph.name!r} in {str(phase_file)!r}")
+    split_pair = tuple(splits) if splits else ("train", "valid")
+    rows = read_table(path, ph.name)
+    # resolve every config before touching the store (bad values name their line)
+    resolved = []
+    for r in rows:
+        try:
+            clip = r.clip if r.clip_given else "phase"
+            cfg = ph.run_config(r.batch_size, r.lr, clip, r.seed, splits=split_pair)
+            if r.steps is not None and r.steps != cfg.steps:  # the table's own step count
+                cfg = ph.with_overrides(steps=r.steps).run_config(r.batch_size, r.lr, clip, r.seed,
+                                                                   splits=split_pair)
+        except ConfigError as e:
+            raise ConfigError(f"{Path(path).name} line {r.line}: {e}") from None
+        resolved.append((r, cfg))
+
+    client = tracking.connect(tracking_uri)
+    baselines, note = _baselines(ph, data_dir, splits)
+    exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(ph.name))
+    existing = set()
+    for run in tracking.search_runs(client, [exp_id], filter_string=f"tags.{tracking.TAG_SOURCE} = 'import'"):
+        k = run.data.tags.get(TAG_IMPORT_KEY)
+        if k:
+            existing.add(k)
+    summary = ImportSummary(file=Path(path).name, phase=ph.name, experiment_id=exp_id, rows=len(rows),
+                            created=0, skipped=0, baselines=baselines, baselines_note=note,
+                            learned={"true": 0, "false": 0, "unknown": 0})
+    created: list[str] = []
+    try:
+        for r, cfg in resolved:
+            if r.key in existing:
+                summary.skipped += 1
+                continue
+            created.append(_create_run(client, exp_id, path, r, cfg, baselines, summary))
+    except Exception as e:
+        for run_id in created:  # all or nothing
+            try:
+                client.delete_run(run_id)
+            except Exception:
+                pass
+        if isinstance(e, ConfigError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise tracking.TrackingError(f"import failed, nothing imported: {first[:200]}") from None
+    summary.created = len(created)
+    summary.run_ids = created
+    return summary
+
+
+def _create_run(client, exp_id: str, path, r: _Row, cfg, baselines, summary: ImportSummary) -> str:
+    loss = r.metrics.get("final_val_loss")
+    if r.diverged:
+        learned = "false"
+    elif baselines and "baseline_unigram_loss" in baselines:
+        learned = "true" if loss < baselines["baseline_unigram_loss"] else "false"
+    else:
+        learned = "unknown"
+    summary.learned[learned] += 1
+    converged = (not r.diverged) if r.converged is None else r.converged
+    tags = {
+        tracking.TAG_PHASE: cfg.phase.name, tracking.TAG_CONFIG_HASH: cfg.config_hash(),
+        tracking.TAG_SOURCE: "import", tracking.TAG_DIVERGED: str(r.diverged).lower(),
+        tracking.TAG_CONVERGED: str(converged).lower(), tracking.TAG_LEARNED: learned,
+        TAG_IMPORT_FILE: Path(path).name, TAG_IMPORT_ROW: str(r.line), TAG_IMPORT_KEY: r.key,
+        "mlflow.runName": f"import {Path(path).name}:{r.line}",
+    }
+    run = tracking.with_retry(client.create_run, exp_id, tags=tags)
+    run_id = run.info.run_id
+    params = cfg.to_params()
+    params.update({"converged": converged, "data_source": "import", "device": "unknown"})
+    for k, v in r.extra.items():
+        params.setdefault(k, v)
+    tracking.log_params(client, run_id, params)
+    metrics = dict(r.metrics)
+    metrics.setdefault("tokens_seen", float(cfg.steps * cfg.tokens_per_step))
+    if "min_val_loss" in metrics and "final_val_loss" in metrics:
+        metrics.setdefault("val_loss_rise", metrics["final_val_loss"] - metrics["min_val_loss"])
+    if baselines:
+        metrics.update({k: float(v) for k, v in baselines.items()})
+    tracking.log_metrics(client, run_id, [(k, v, cfg.steps) for k, v in metrics.items()])
+    tracking.with_retry(client.set_terminated, run_id, "FAILED" if r.diverged else "FINISHED")
+    return run_id

@@ -1,0 +1,235 @@
+"""scaling compare: the study's table end to end through the CLI, native runs, formats, errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from scaling import tracking
+from scaling.cli import main
+from scaling.config import ConfigError, load_phase
+from scaling.report import FORMATS, compare
+
+FIXTURES = Path(__file__).parent / "fixtures"
+STUDY = FIXTURES / "study_phase_2_5.csv"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def migrated_empty_store() -> Path:
+    """A migrated, empty MLflow SQLite store, made once per MLflow version and kept in the temp dir
+    (creating one takes seconds); tests copy it. (Same helper as in test_import.py.)"""
+    import mlflow
+
+    path = Path(tempfile.gettempdir()) / f"scaling-tests-empty-mlflow-{mlflow.__version__}.db"
+    if not path.is_file():
+        d = Path(tempfile.mkdtemp())
+        tracking.connect(f"sqlite:///{d}/mlflow.db")
+        os.replace(d / "mlflow.db", path)
+        shutil.rmtree(d, ignore_errors=True)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCALING_DATA_DIR", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copy(migrated_empty_store(), tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def cli(*args, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("SCALING_DATA_DIR", "MLFLOW_TRACKING_URI")}
+    return subprocess.run([sys.executable, "-m", "scaling.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def n_runs(uri, experiment):
+    client = tracking.connect(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return 0 if exp is None else len(tracking.search_runs(client, [exp.experiment_id]))
+
+
+def test_study_table_end_to_end_through_the_cli(store, tmp_path):
+    out = tmp_path / "reports"
+    r = cli("import", str(STUDY), "--phase", "2_5", "--tracking-uri", store)
+    assert r.returncode == 0, r.stderr
+    assert "imported 20 run(s)" in r.stdout
+    # (the next two through the same CLI in-process: a subprocess costs seconds of MLflow start-up)
+    r = CliRunner().invoke(main, ["import", str(STUDY), "--phase", "2_5", "--tracking-uri", store])
+    assert r.exit_code == 0 and "imported 0 run(s)" in r.output and "20 already there" in r.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text(STUDY.read_text().replace("128,0.003,4.4366", "128,0.003,abc"))
+    r = CliRunner().invoke(main, ["import", str(bad), "--phase", "2_5", "--tracking-uri", store])
+    assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit)
+    assert r.output == "error: bad.csv line 15: final_train_loss must be a number, got 'abc'\n"
+    assert n_runs(store, "scaling-phase-2_5") == 20
+
+    r = cli("compare", "--phases", "2_5", "--tracking-uri", store, "--format", "json", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["schema_version"] == 1
+    ph = report["phases"][0]
+    fa, fu = ph["fits"]["all"], ph["fits"]["uncensored"]
+    assert round(fa["beta"], 3) == 1.170 and round(fa["r2"], 3) == 0.895
+    assert fa["beta_ci_t"][0] == pytest.approx(-0.05, abs=0.01) and fa["beta_ci_t"][1] == pytest.approx(2.39, abs=0.01)
+    assert fa["bootstrap_resamples"] == 1000 and fa["bootstrap_seed"] == 0
+    assert fu["status"] == "not enough points"
+    cens = {o["batch_size"]: o["censored"] for o in ph["optima"]}
+    assert cens == {32: None, 64: None, 128: "high", 256: "high"}
+    assert ph["sources"] == {"import": 20} and ph["learned"]["unknown"] == 20
+    assert ph["budget"]["kinds"] == ["steps"]
+    # every format, and plots, on disk
+    for name in ("compare.json", "compare.txt", "compare.md", "compare_phases.csv", "compare_optima.csv"):
+        assert (out / name).stat().st_size > 100, name
+    assert json.loads((out / "compare.json").read_text())["comparison_run_id"] == report["comparison_run_id"]
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["beta_by_phase.png", "loss_heatmap_2_5.png", "lr_opt_vs_batch_2_5.png"]
+    for p in (out / "plots").glob("*.png"):
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 10_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".compare-")]  # temp dir cleaned
+    # the comparison run holds the table, the JSON and the plots
+    client = tracking.connect(store)
+    run = client.get_run(report["comparison_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["2_5/beta_all"] == pytest.approx(fa["beta"])
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"compare.json", "compare.txt", "plots"} <= arts
+    assert len(client.list_artifacts(run.info.run_id, "plots")) == 3
+
+
+def test_every_format(store, tmp_path):
+    from scaling.importing import import_table
+
+    import_table(STUDY, "2_5", tracking_uri=store)
+    import_table(FIXTURES / "phase_3a_like_clip_defect.csv", "3a", tracking_uri=store)
+    out = tmp_path / "out"
+    rep = compare("2_5,3a", tracking_uri=store, fmt="table", out_dir=out, bootstrap=200, log_to_mlflow=False)
+    assert rep["comparison_run_id"] is None and n_runs(store, "scaling-compare") == 0
+    table = rep["rendered"]
+    assert "1.170" in table and "[-0.052, 2.392]" in table and "not enough points" in table
+    assert "inconsistent clip metrics" in table and "saturation" in table
+    assert (out / "plots" / "clip_frequency_3a.png").stat().st_size > 10_000
+    assert not (out / "plots" / "clip_frequency_2_5.png").exists()  # no clip metrics in that table
+    for fmt in FORMATS:
+        text = compare(["2_5", "3a"], tracking_uri=store, fmt=fmt, bootstrap=200, log_to_mlflow=False,
+                       plots=False)["rendered"]
+        if fmt == "json":
+            d = json.loads(text)
+            assert [p["phase"] for p in d["phases"]] == ["2_5", "3a"]
+            assert d["comparison"][1]["regime"] == "saturation"
+        elif fmt == "csv":
+            rows = list(csv.DictReader(io.StringIO(text)))
+            assert [r["phase"] for r in rows] == ["2_5", "3a"]
+            assert float(rows[0]["beta_all_ci_t_lo"]) == pytest.approx(-0.0516, abs=1e-3)
+        elif fmt == "markdown":
+            assert "| phase |" in text and text.startswith("# scaling compare")
+        else:
+            assert text == table.replace(table.splitlines()[0], text.splitlines()[0])
+    optima = list(csv.DictReader(io.StringIO((out / "compare_optima.csv").read_text())))
+    assert len(optima) == 6 and optima[0]["phase"] == "2_5"
+
+
+def make_native_runs(uri, phase_name="2_5_tokens", seeds=(0, 1), diverge=(32, 0.0128)):
+    """Runs shaped like `scaling train` records them (docs/run-schema.md): LR_opt = 1e-3 (B/32)^0.5,
+    losses quadratic in ln LR with seed noise, clip metrics, baselines, one diverged run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    phase = load_phase(phase_name)
+    client = tracking.connect(uri)
+    exp = tracking.get_or_create_experiment(client, tracking.experiment_name(phase_name))
+    rng = np.random.default_rng(0)
+    lrs = [2e-4 * 2 ** k for k in range(7)]
+    now = int(time.time() * 1000)
+    for b in (32, 64, 128, 256):
+        lo = math.log(1e-3 * (b / 32) ** 0.5)
+        for lr in lrs:
+            for s in seeds:
+                cfg = phase.run_config(b, lr, 1.0, s)
+                diverged = (b, lr) == diverge and s == 0
+                loss = 2.0 + 0.08 * (math.log(lr) - lo) ** 2 + rng.normal(0, 0.003)
+                metrics = {"baseline_uniform_loss": 4.852, "baseline_unigram_loss": 3.187,
+                           "baseline_bigram_loss": 2.337, "tokens_seen": cfg.steps * cfg.tokens_per_step}
+                if not diverged:
+                    g = 0.5 + 300 * lr
+                    metrics.update({"final_val_loss": loss, "final_train_loss": loss - 0.02, "min_val_loss": loss - 0.01,
+                                    "val_loss_rise": 0.01, "avg_grad_norm_before": g, "avg_grad_norm_after": min(g, 1.0) - 0.05,
+                                    "avg_clip_frequency": min(1.0, max(0.0, (g - 0.8) / 2))})
+                tags = {"phase": phase_name, "config_hash": cfg.config_hash(), "source": "sweep",
+                        "diverged": str(diverged).lower(), "converged": str(not diverged).lower(),
+                        "learned": "false" if diverged else "true"}
+                run = client.create_run(exp, tags=tags)
+                client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, cfg.steps) for k, v in metrics.items()],
+                                 params=[Param(k, str(v)) for k, v in cfg.to_params().items()])
+                client.set_terminated(run.info.run_id, "FAILED" if diverged else "FINISHED")
+    return client
+
+
+def test_native_runs_with_seeds(store):
+    make_native_runs(store)
+    rep = compare(["2_5_tokens"], tracking_uri=store, bootstrap=200, log_to_mlflow=False, plots=False,
+                  estimator="vertex")
+    ph = rep["phases"][0]
+    assert ph["budget"]["kinds"] == ["tokens"] and ph["sources"] == {"sweep": 56}
+    assert ph["n_diverged_or_failed"] == 1 and ph["statuses"] == {"FINISHED": 55, "FAILED": 1}
+    assert ph["learned"]["true"] == 55 and ph["baselines"]["unigram"] == pytest.approx(3.187)
+    opt = {o["batch_size"]: o for o in ph["optima"]}
+    assert all(o["censored"] is None and o["vertex_status"] == "ok" for o in opt.values())
+    assert opt[64]["argmin_n"] == 2 and opt[64]["argmin_loss_std"] is not None  # replicates averaged
+    assert all(o["vertex_log_se"] > 0 for o in opt.values())
+    grid = {(g["batch_size"], g["lr"]): g for g in ph["grid"]}
+    assert grid[(32, 0.0128)]["loss"] is None and grid[(32, 0.0128)]["n_diverged"] == 1  # inf: worse than any loss
+    fa = ph["fits"]["all"]
+    assert fa["weighted"] and fa["estimator"] == "vertex"
+    assert abs(fa["beta"] - 0.5) < 0.05 and fa["n_points"] == 4
+    assert {t["name"]: t["excluded"] for t in fa["theory"]}["linear"] is True
+    argmin = compare(["2_5_tokens"], tracking_uri=store, bootstrap=0, log_to_mlflow=False, plots=False)
+    assert argmin["phases"][0]["fits"]["all"]["weighted"] is False  # grid argmins have no SE
+    assert ph["regime"]["name"] in ("pre-saturation", "transition") and ph["regime"]["clip_metrics_consistent"]
+    assert ph["fits"]["censored"]["status"] == "ok"
+    assert ph["laws"]["status"] == "ok" and ph["laws"]["selected"] is None  # 4 batch sizes: cannot choose
+    assert "cannot choose" in ph["laws"]["verdict"]
+
+
+def test_errors_are_one_line_and_write_nothing(store, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=r"^unknown phase 'nope': no experiment 'scaling-phase-nope'"):
+        compare("nope", tracking_uri=store, out_dir=out)
+    with pytest.raises(ConfigError, match=r"^phase '3b' has no runs in .*scaling import FILE --phase 3b"):
+        compare("3b", tracking_uri=store, out_dir=out)
+    with pytest.raises(tracking.TrackingError, match="cannot reach the MLflow tracking store"):
+        compare("2_5", tracking_uri="http://127.0.0.1:9", out_dir=out)
+    with pytest.raises(ConfigError, match="format must be one of"):
+        compare("2_5", tracking_uri=store, fmt="xml", out_dir=out)
+    with pytest.raises(ConfigError, match="at least one phase"):
+        compare(" , ", tracking_uri=store, out_dir=out)
+    assert not out.exists() and n_runs(store, "scaling-compare") == 0
+    r = CliRunner().invoke(main, ["compare", "--phases", "nope", "--tracking-uri", store, "--out", str(out)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error: unknown phase 'nope'")
+    r = CliRunner().invoke(main, ["import", str(tmp_path), "--phase", "2_5", "--tracking-uri", store])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_different_budgets_are_refused_unless_pooled(store):
+    client = make_native_runs(store, seeds=(0,))
+    from scaling.importing import import_table
+
+    f = Path(store[len("sqlite:///"):]).parent / "steps.csv"
+    f.write_text("batch_size,lr,final_val_loss,num_steps\n32,0.001,2.1,300\n")
+    import_table(f, "2_5_tokens", tracking_uri=store)  # a fixed-steps run in the tokens phase
+    with pytest.raises(ConfigError, match="mixes runs of different budgets.*--pool-budgets"):
+        compare("2_5_tokens", tracking_uri=store, log_to_mlflow=False)
+    rep = compare("2_5_tokens", tracking_uri=store, pool_budgets=True, bootstrap=0, log_to_mlflow=False, plots=False)
+    assert rep["phases"][0]["budget"]["pooled"] and len(rep["phases"][0]["budget"]["budgets"]) == 2
