@@ -26,6 +26,8 @@ from scaling.model import NanoTransformer, build_model, decay_mask
 
 FINAL_WINDOW_FRACTION = 0.1  # final_train_loss / train_loss_std are over the last 10% of steps
 CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
+# The per-interval means logged through ``Hooks.on_log`` (in _Stats.KEYS order), plus "lr" and "tokens_per_s".
+LOG_METRICS = ("train_loss", "grad_norm_before_clip", "grad_norm_after_clip", "clip_frequency", "effective_lr_scale")
 
 
 class Pruned(Exception):
@@ -185,8 +187,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
                     status = "DIVERGED"
                     break
                 now = time.perf_counter()
-                metrics = dict(zip(("train_loss", "grad_norm_before_clip", "grad_norm_after_clip",
-                                    "clip_frequency", "effective_lr_scale"), means))
+                metrics = dict(zip(LOG_METRICS, means))
                 metrics["lr"] = lr
                 metrics["tokens_per_s"] = (done - tokens_last) * cfg.tokens_per_step / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, done

@@ -1,0 +1,236 @@
+"""The batched multi-config engine against the single-config loop, on CPU in fp32 with a tiny model.
+
+Configs trained together must give, step by step, what each gives alone (losses, clip metrics, val
+losses, summaries, hook calls), must not leak into each other, must stop one by one (divergence,
+pruning, different step counts), and must resume from a checkpoint as if never interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import yaml
+
+from scaling.batched import train_group
+from scaling.config import _validated
+from scaling.data import load_corpus
+from scaling.train import Hooks, Pruned, train
+
+PHASE = """
+name: tiny_batched
+data: {dataset: random, random_train_tokens: 20000, random_val_tokens: 4000}
+model: {d_model: 32, n_layers: 2, n_heads: 2, context_length: 16, vocab_size: 32}
+optim: {betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, warmup: 3, schedule: cosine, min_lr_ratio: 0.1}
+train: {budget_kind: steps, budget: 30, eval_interval: 10, eval_batches: 2, log_interval: 1, checkpoint_every: 10}
+grid: {batch_sizes: [4, 8, 12], lrs: [1.0e-3], clips: [1.0]}
+"""
+CPU = torch.device("cpu")
+REL = 1e-5  # batched vs alone: the same arithmetic up to summation order in fp32
+METRICS = ("train_loss", "grad_norm_before_clip", "grad_norm_after_clip", "clip_frequency", "effective_lr_scale", "lr")
+
+
+class Recorder:
+    """Every hook call of one run, in order (checkpoint states deep-copied: they may hold live tensors)."""
+
+    def __init__(self, prune_at: int | None = None):
+        self.logs, self.evals, self.ckpts, self.steps = [], [], [], []
+        self.prune_at = prune_at
+
+    def hooks(self) -> Hooks:
+        def on_eval(step, val):
+            self.evals.append((step, val))
+            if self.prune_at is not None and step >= self.prune_at:
+                raise Pruned()
+
+        return Hooks(on_log=lambda s, m: self.logs.append((s, m)), on_eval=on_eval,
+                     on_checkpoint=lambda s, st: self.ckpts.append((s, copy.deepcopy(st))),
+                     on_step=self.steps.append)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny ops: one intra-op thread is faster than two, and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    phase = _validated(yaml.safe_load(PHASE))
+    corpus = load_corpus(phase, 0)
+    cfgs = [phase.run_config(4, 3e-3, 1.0, 0),  # clips sometimes
+            phase.run_config(8, 1e-2, 0.05, 1),  # clips at every step
+            phase.run_config(12, 1e-3, None, 2)]  # no clipping
+    return phase, corpus, cfgs
+
+
+def run_single(cfgs, corpus, recs=None, states=None):
+    recs = recs or [Recorder() for _ in cfgs]
+    states = states or [None] * len(cfgs)
+    return [train(c, corpus, CPU, r.hooks(), s) for c, r, s in zip(cfgs, recs, states)], recs
+
+
+def run_group(cfgs, corpus, recs=None, states=None, **kw):
+    recs = recs or [Recorder() for _ in cfgs]
+    return train_group(cfgs, corpus, CPU, [r.hooks() for r in recs], states, **kw), recs
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    _, corpus, cfgs = setup
+    return run_single(cfgs, corpus)
+
+
+@pytest.fixture(scope="module")
+def batched(setup):
+    _, corpus, cfgs = setup
+    return run_group(cfgs, corpus)
+
+
+def close(a: float, b: float, rel: float, scale: float = 1e-12) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= rel * max(abs(a), abs(b), scale)
+
+
+DIFFERENCES = {"val_loss_rise": 1.0, "train_loss_std": 1.0}  # differences of losses: compared on the loss scale
+
+
+def assert_same_run(res_a, rec_a, res_b, rec_b, rel=REL, from_step=0):
+    """Same status, hook calls at the same steps, same metrics/val losses/summary within ``rel``."""
+    assert res_a.status == res_b.status and res_a.steps_done == res_b.steps_done
+    logs_a = [(s, m) for s, m in rec_a.logs if s > from_step]
+    logs_b = [(s, m) for s, m in rec_b.logs if s > from_step]
+    assert [s for s, _ in logs_a] == [s for s, _ in logs_b]
+    for (s, ma), (_, mb) in zip(logs_a, logs_b):
+        assert set(ma) == set(mb)
+        for k in METRICS:
+            assert close(ma[k], mb[k], rel), (s, k, ma[k], mb[k])
+    evals_a = [(s, v) for s, v in rec_a.evals if s > from_step]
+    evals_b = [(s, v) for s, v in rec_b.evals if s > from_step]
+    assert [s for s, _ in evals_a] == [s for s, _ in evals_b]
+    assert all(close(va, vb, rel) for (_, va), (_, vb) in zip(evals_a, evals_b)), (evals_a, evals_b)
+    assert [s for s, _ in rec_a.ckpts if s > from_step] == [s for s, _ in rec_b.ckpts if s > from_step]
+    assert [s for s in rec_a.steps if s > from_step] == [s for s in rec_b.steps if s > from_step]
+    assert set(res_a.summary) == set(res_b.summary)
+    for k, va in res_a.summary.items():
+        assert close(float(va), float(res_b.summary[k]), rel, DIFFERENCES.get(k, 1e-12)), (k, va, res_b.summary[k])
+    assert [s for s, _ in res_a.val_history] == [s for s, _ in res_b.val_history]
+
+
+@pytest.mark.parametrize("layout", ["slots", "groups"])
+def test_batched_equals_one_by_one(setup, single, batched, layout):
+    """(a) 3 configs, different batch sizes / LRs / clips (one never clipped, one always): step by step equal."""
+    _, corpus, cfgs = setup
+    res_b, recs_b = batched if layout == "slots" else run_group(cfgs, corpus, layout="groups")
+    res_s, recs_s = single
+    for rs, rcs, rb, rcb in zip(res_s, recs_s, res_b, recs_b):
+        assert rs.status == "FINISHED" and len(rcs.logs) == 30
+        assert_same_run(rs, rcs, rb, rcb)
+    # the clip regimes really are different: always / never / sometimes
+    freq = [r.summary["avg_clip_frequency"] for r in res_b]
+    assert freq[1] == 1.0 and freq[2] == 0.0 and 0.0 < freq[0] < 1.0
+    assert all(m["grad_norm_after_clip"] <= 0.05 * (1 + 1e-6) for _, m in recs_b[1].logs)
+
+
+def test_one_config_lr_does_not_leak(setup, batched):
+    """(b) Change the middle config's LR: the other two trajectories stay bit-identical (or within 1e-6)."""
+    phase, corpus, cfgs = setup
+    changed = [cfgs[0], phase.run_config(8, 3e-2, 0.05, 1), cfgs[2]]
+    res, recs = run_group(changed, corpus)
+    res_ref, recs_ref = batched
+    assert recs[1].logs[-1][1]["train_loss"] != recs_ref[1].logs[-1][1]["train_loss"]  # it did change
+    for i in (0, 2):
+        assert_same_run(res_ref[i], recs_ref[i], res[i], recs[i], rel=1e-6)
+
+
+def test_diverging_config_is_recorded_and_others_unchanged(setup, batched):
+    """(c) A huge LR diverges (DIVERGED, as the single loop says), the others finish as if alone."""
+    phase, corpus, cfgs = setup
+    huge = phase.run_config(8, 1e30, None, 1)
+    res, recs = run_group([cfgs[0], huge, cfgs[2]], corpus)
+    alone, alone_rec = run_single([huge], corpus)
+    assert res[1].status == "DIVERGED" == alone[0].status
+    assert res[1].steps_done == alone[0].steps_done < 30
+    assert "final_train_loss" not in res[1].summary and set(res[1].summary) == set(alone[0].summary)
+    assert [s for s, _ in recs[1].logs] == [s for s, _ in alone_rec[0].logs]
+    res_ref, recs_ref = batched
+    for i in (0, 2):
+        assert res[i].status == "FINISHED"
+        assert_same_run(res_ref[i], recs_ref[i], res[i], recs[i], rel=1e-6)
+
+
+def test_pruned_config_stops_alone(setup, batched):
+    """A Pruned raised by one config's on_eval stops that config only, at that step."""
+    _, corpus, cfgs = setup
+    recs = [Recorder(), Recorder(prune_at=10), Recorder()]
+    res, _ = run_group(cfgs, corpus, recs)
+    assert res[1].status == "PRUNED" and res[1].steps_done == 10 and recs[1].steps[-1] == 10
+    assert [s for s, _ in recs[1].ckpts] == []  # no checkpoint after the pruning eval, as in train.py
+    res_ref, recs_ref = batched
+    for i in (0, 2):
+        assert_same_run(res_ref[i], recs_ref[i], res[i], recs[i], rel=1e-6)
+
+
+def test_checkpoint_resume_equals_uninterrupted(setup, single, batched):
+    """(d) Resume the group from its step-10 checkpoints: same as uninterrupted; train() resumes them too."""
+    _, corpus, cfgs = setup
+    res_ref, recs_ref = batched
+    assert [s for s, _ in recs_ref[0].ckpts] == [10, 20, 30]
+    states = [dict(r.ckpts[0][1]) for r in recs_ref]
+    assert all(st["step"] == 10 for st in states)
+    res, recs = run_group(cfgs, corpus, states=copy.deepcopy(states))
+    for i in range(3):
+        assert_same_run(res_ref[i], recs_ref[i], res[i], recs[i], rel=1e-9, from_step=10)
+    # the state has train.py's format: the single loop resumes a batched checkpoint...
+    res_s, recs_s = run_single(cfgs[:1], corpus, states=copy.deepcopy(states[:1]))
+    single_res, single_recs = single
+    assert_same_run(single_res[0], single_recs[0], res_s[0], recs_s[0], from_step=10)
+    # ...and the group resumes a single-loop checkpoint
+    res_g, recs_g = run_group(cfgs[:1], corpus, states=[copy.deepcopy(single_recs[0].ckpts[1][1])])
+    assert_same_run(single_res[0], single_recs[0], res_g[0], recs_g[0], from_step=20)
+
+
+def test_different_step_counts(setup):
+    """(e) A token budget: B=4 runs 30 steps, B=8 15, B=12 10; each equals its run alone."""
+    phase, corpus, _ = setup
+    p = phase.with_overrides(tokens=30 * 4 * 16, warmup=3 * 4 * 16, eval_interval=5, checkpoint_every=100)
+    cfgs = [p.run_config(12, 1e-3, None, 2), p.run_config(4, 3e-3, 1.0, 0), p.run_config(8, 1e-2, 0.05, 1)]
+    assert [c.steps for c in cfgs] == [10, 30, 15]
+    res, recs = run_group(cfgs, corpus)
+    res_s, recs_s = run_single(cfgs, corpus)
+    for i in range(3):
+        assert res[i].status == "FINISHED" and len(recs[i].steps) == cfgs[i].steps
+        assert [s for s, _ in recs[i].ckpts] == [cfgs[i].steps]
+        assert_same_run(res_s[i], recs_s[i], res[i], recs[i])
+
+
+LONG_PHASE = """
+name: tiny_long
+data: {dataset: random, random_train_tokens: 5000, random_val_tokens: 1000}
+model: {d_model: 16, n_layers: 1, n_heads: 2, context_length: 8, vocab_size: 16}
+optim: {warmup: 3}
+train: {budget_kind: steps, budget: 280, eval_interval: 140, eval_batches: 1, log_interval: 20, checkpoint_every: 100}
+grid: {batch_sizes: [2], lrs: [1.0e-3], clips: [1.0]}
+"""
+
+
+def test_long_run_across_batch_chunks_and_unaligned_resume():
+    """280 steps cross the 256-step chunks of batch indices / optimizer scalars; resumes at 100 and 200."""
+    phase = _validated(yaml.safe_load(LONG_PHASE))
+    corpus = load_corpus(phase, 0)
+    cfgs = [phase.run_config(2, 3e-3, 1.0, 0), phase.run_config(4, 1e-3, 0.1, 1)]
+    res_s, recs_s = run_single(cfgs, corpus)
+    res, recs = run_group(cfgs, corpus)
+    for i in range(2):
+        assert_same_run(res_s[i], recs_s[i], res[i], recs[i])
+    states = [copy.deepcopy(recs[0].ckpts[0][1]), copy.deepcopy(recs[1].ckpts[1][1])]
+    assert [st["step"] for st in states] == [100, 200]
+    res_r, recs_r = run_group(cfgs, corpus, states=states)
+    assert_same_run(res[0], recs[0], res_r[0], recs_r[0], rel=1e-9, from_step=100)
+    assert_same_run(res[1], recs[1], res_r[1], recs_r[1], rel=1e-9, from_step=200)
