@@ -168,5 +168,140 @@ def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
 # --- commands added by later modules (sweep, search, compare, import) go below this line ---
 
 
+@main.command()
+@click.option("--phases", required=True, help="Comma-separated phases, e.g. 2_5,3a.")
+@click.option("--metric", default="final_val_loss", show_default=True,
+              help="Objective: final_val_loss, min_val_loss or final_train_loss.")
+@click.option("--format", "fmt", default="table", show_default=True, help="What to print: table, json, csv, markdown.")
+@click.option("--out", "out_dir", default=None, help="Write every format and the PNG plots into this directory.")
+@click.option("--estimator", default="argmin", show_default=True,
+              help="Optimum per batch size the fits use: argmin (grid, the study's) or vertex (quadratic).")
+@click.option("--exclude-unlearned", is_flag=True, help="Drop runs whose val loss is above the unigram baseline.")
+@click.option("--pool-budgets", is_flag=True, help="Fit runs of different budgets of a phase together.")
+@click.option("--bootstrap", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--tracking-uri", default=None, help="MLflow store (env MLFLOW_TRACKING_URI).")
+@click.option("--no-mlflow", is_flag=True, help="Do not record a comparison run in scaling-compare.")
+@_friendly
+def compare(phases, metric, fmt, out_dir, estimator, exclude_unlearned, pool_budgets, bootstrap, seed,
+            tracking_uri, no_mlflow):
+    """Fit LR_opt(B) per phase from its MLflow runs and put phases side by side against theory."""
+    from scaling.report import compare as run_compare
+
+    report = run_compare(phases, tracking_uri=tracking_uri, metric=metric, fmt=fmt, out_dir=out_dir,
+                         exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, bootstrap=bootstrap,
+                         seed=seed, log_to_mlflow=not no_mlflow, estimator=estimator)
+    click.echo(report["rendered"], nl=False)
+    if fmt == "table":
+        if report["files"]:
+            click.echo(f"wrote {len(report['files'])} files to {out_dir}")
+        if report["comparison_run_id"]:
+            click.echo(f"comparison run {report['comparison_run_id']} in experiment scaling-compare")
+
+
+@main.command(name="import")
+@click.argument("file")
+@click.option("--phase", "phase_name", default=None, help="Built-in phase the table belongs to.")
+@click.option("--phase-file", default=None, help="Or your own phase YAML.")
+@click.option("--tracking-uri", default=None, help="MLflow store (env MLFLOW_TRACKING_URI).")
+@click.option("--data-dir", type=click.Path(), default=None, envvar="SCALING_DATA_DIR",
+              help="Local copy of the phase's dataset, for the loss baselines (env SCALING_DATA_DIR).")
+@click.option("--splits", default=None, envvar="SCALING_SPLITS", help="TRAIN:VAL split mapping, e.g. valid:test.")
+@_friendly
+def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
+    """Turn a results table (CSV) into FINISHED MLflow runs of a phase; re-importing creates nothing."""
+    from scaling.importing import import_table
+
+    summary = import_table(file, phase_name, tracking_uri=tracking_uri, phase_file=phase_file,
+                           data_dir=data_dir, splits=parse_splits(splits) if splits else None)
+    click.echo(summary.line())
+
+
+@main.command()
+@phase_options
+@click.option("--batch-sizes", callback=_ints, default=None, help="Override the grid's batch sizes, e.g. 32,64.")
+@click.option("--lrs", callback=_floats("lrs"), default=None, help="Override the grid's LRs, e.g. 1e-3,3e-3.")
+@click.option("--clips", callback=_clips, default=None, help="Override the grid's clip thresholds (none = off).")
+@click.option("--seeds", callback=_ints, default=None, help="Override the phase's seeds.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--storage", default=None, help="Claims database shared by all workers (SQLAlchemy URL; default "
+              "sqlite beside the MLflow store, e.g. mlruns/sweeps.db; postgresql://... for many machines).")
+@click.option("--retry-failed", is_flag=True, help="Rerun configs whose runs FAILED (not diverged).")
+@click.option("--sweep-name", default=None, help="Name of the sweep's parent run (on creation).")
+@click.option("--group-size", type=int, default=None,
+              help="Train up to this many configs together in one batched pass (default: the whole grid on "
+                   "CUDA, 1 on CPU).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the batched step (default: on CUDA).")
+@_friendly
+def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
+          checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, lrs, clips, seeds, workers,
+          storage, retry_failed, sweep_name, group_size, compile_):
+    """Run a phase's whole grid: one MLflow parent run, one child per config; resumable, parallel."""
+    from scaling.sweep import run_sweep
+    from scaling.train import resolve_device
+
+    on_cuda = resolve_device(device).type == "cuda"
+
+    phase = load_phase_with_overrides(phase_name, phase_file, steps=steps, tokens=tokens, warmup=warmup,
+                                      eval_interval=eval_interval, eval_batches=eval_batches,
+                                      log_interval=log_interval, checkpoint_every=checkpoint_every,
+                                      batch_sizes=batch_sizes, lrs=lrs, clips=clips, seeds=seeds)
+    summary = run_sweep(phase, device=device, data_dir=data_dir, splits=parse_splits(splits),
+                        tracking_uri=tracking_uri, storage=storage, workers=workers, retry_failed=retry_failed,
+                        progress=not quiet, sweep_name=sweep_name,
+                        group_size=group_size or (len(phase.grid_points()) if on_cuda else 1),
+                        compile=on_cuda if compile_ is None else compile_)
+    for line in summary.lines():
+        click.echo(line)
+    if summary.count("FAILED"):
+        sys.exit(1)
+
+
+@main.command()
+@phase_options
+@click.option("--batch-sizes", callback=_ints, required=True, help="Batch sizes to search, e.g. 128,256.")
+@click.option("--trials", type=int, default=12, show_default=True, help="Evaluated trials per batch size (study).")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes"]), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(["none", "median", "hyperband"]), default="none", show_default=True)
+@click.option("--storage", default=None, help="Optuna storage URL (default sqlite beside the MLflow store, "
+              "e.g. mlruns/optuna.db; postgresql://... for many workers).")
+@click.option("--study-name", default=None, help="Resume/name the studies (<name>-B<batch size>); default: "
+              "derived from the phase's settings, so rerunning the same command resumes.")
+@click.option("--extend-factor", type=float, default=3.0, show_default=True,
+              help="An edge of the LR range moves out by this factor when the best LR is near it.")
+@click.option("--margin", type=float, default=0.1, show_default=True,
+              help="'Near the edge': within this fraction of the initial range's width (log scale).")
+@click.option("--max-extensions", type=int, default=4, show_default=True, help="Hard limit on range extensions.")
+@click.option("--batch", type=int, default=4, show_default=True, help="Trials between two range checks.")
+@click.option("--sampler-seed", type=int, default=None, help="Seed of the Optuna sampler.")
+@click.option("--group/--no-group", default=None,
+              help="Train the --batch trials asked at a time together in one batched pass (default: on CUDA).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the batched step "
+              "(default: on CUDA).")
+@_friendly
+def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
+           checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, trials, sampler, pruner,
+           storage, study_name, extend_factor, margin, max_extensions, batch, sampler_seed, group, compile_):
+    """Optuna search over log(LR) per batch size, extending past the grid's edge until bracketed."""
+    from scaling.search import run_search
+    from scaling.train import resolve_device
+
+    on_cuda = resolve_device(device).type == "cuda"
+
+    phase = load_phase_with_overrides(phase_name, phase_file, steps=steps, tokens=tokens, warmup=warmup,
+                                      eval_interval=eval_interval, eval_batches=eval_batches,
+                                      log_interval=log_interval, checkpoint_every=checkpoint_every)
+    summary = run_search(phase, batch_sizes, trials, sampler=sampler, pruner=pruner, storage=storage,
+                         study_name=study_name, extend_factor=extend_factor, margin=margin,
+                         max_extensions=max_extensions, batch=batch, device=device, data_dir=data_dir,
+                         splits=parse_splits(splits), tracking_uri=tracking_uri, seed=sampler_seed,
+                         progress=not quiet, group=on_cuda if group is None else group,
+                         compile=on_cuda if compile_ is None else compile_)
+    for line in summary.lines():
+        click.echo(line)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,130 @@
+"""Boundary-aware Optuna LR search: a synthetic objective (no training) and the real model end to end."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from scaling.config import load_phase
+from scaling.search import run_search
+from test_sweep import mlflow_db_template, one_thread, stores  # noqa: F401  (fixtures)
+
+
+def synthetic(minimum: float):
+    """A deterministic loss(LR), a parabola in log(LR) with its minimum at ``minimum``."""
+    return lambda cfg: 1.0 + math.log(cfg.lr / minimum) ** 2
+
+
+@pytest.mark.parametrize("minimum,side", [(0.3, "above"), (2e-5, "below")])
+def test_extension_finds_and_brackets_a_minimum_outside_the_initial_range(tmp_path, tiny_random_phase, stores,
+                                                                          minimum, side):
+    uri, _ = stores
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    phase = load_phase(phase_file=tiny_random_phase)  # LR list 1e-3, 1e-2; no runs in MLflow
+    s = run_search(phase, [4], trials=40, storage=storage, objective_fn=synthetic(minimum), seed=0,
+                   max_extensions=6, tracking_uri=uri, device="cpu", progress=False)
+    r = s.results[0]
+    lo0, hi0 = r.initial_range
+    assert (lo0, hi0) == (1e-3, 1e-2) and "phase LR list" in r.range_source
+    assert not lo0 <= minimum <= hi0
+    assert r.bracketed and r.stop_reason == "bracketed", r.line()
+    assert r.lower < r.best_lr < r.upper and r.lower < minimum < r.upper
+    assert abs(math.log(r.best_lr / minimum)) < math.log(1.5)
+    below, above = r.extensions
+    assert (above if side == "above" else below) >= 1 and r.final_range[0] <= minimum <= r.final_range[1]
+    assert "BRACKETED" in r.line() and r.n_trials <= 40
+    study = optuna.load_study(study_name=r.study_name, storage=storage)  # persisted, resumable
+    assert study.user_attrs["ext_high" if side == "above" else "ext_low"] >= 1
+    assert s.parent_run_id is None  # objective_fn: no training, no MLflow runs
+
+
+def test_extension_limit_stops_and_says_so(tmp_path, tiny_random_phase, stores):
+    uri, _ = stores
+    phase = load_phase(phase_file=tiny_random_phase)
+    s = run_search(phase, [4], trials=40, storage=f"sqlite:///{tmp_path / 'o.db'}", objective_fn=synthetic(3.0),
+                   seed=0, max_extensions=1, tracking_uri=uri, device="cpu", progress=False)
+    r = s.results[0]
+    assert r.stop_reason == "limit" and not r.bracketed and r.extensions == (0, 1)
+    assert "NOT bracketed: extension limit reached" in r.line()
+
+
+def test_three_trial_search_on_the_real_model_end_to_end(tmp_path, tiny_random_phase, stores, one_thread):
+    from scaling.sweep import run_sweep
+
+    uri, sweeps = stores
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    phase = load_phase(phase_file=tiny_random_phase).with_overrides(batch_sizes=[8])
+    grid = run_sweep(phase, device="cpu", tracking_uri=uri, storage=sweeps, progress=False)  # B=8, lr 1e-3, 1e-2
+    grid_lr = grid.best_lr[8][0]
+    kwargs = dict(pruner="median", storage=storage, device="cpu", tracking_uri=uri, seed=0, progress=False)
+    s = run_search(phase, [8], 3, **kwargs)
+    r = s.results[0]
+    assert "grid best" in r.range_source and r.initial_range[0] < grid_lr < r.initial_range[1]
+    assert r.n_trials == 3 and r.n_reused == 2  # the grid's points are told to Optuna, not retrained
+    assert r.stop_reason in ("bracketed", "limit", "trials") and s.lines()[1].strip().startswith("B=8")
+
+    client = MlflowClient(uri)
+    parent = client.get_run(s.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["scaling.role"] == "search"
+    exp_id = parent.info.experiment_id
+    children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
+    sweep_child = client.get_run(grid.results[0].run_id)
+    assert len(children) == 3
+    study = optuna.load_study(study_name=r.study_name, storage=storage)
+    by_trial = {str(t.number): t for t in study.trials}
+    for run in children:
+        t = by_trial[run.data.tags["optuna.trial"]]
+        assert run.data.tags["source"] == "search" and run.data.tags["optuna.study"] == r.study_name
+        assert set(run.data.params) == set(sweep_child.data.params)  # same params as train/sweep runs
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id and run.data.tags["optuna.state"] == t.state.name
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
+        else:
+            assert t.state == optuna.trial.TrialState.COMPLETE
+            assert run.info.status == ("FAILED" if t.user_attrs["diverged"] else "FINISHED")
+            assert t.value == pytest.approx(run.data.metrics.get("final_val_loss", math.inf))
+        assert t.intermediate_values  # reported for the pruner
+    reused = {t.user_attrs["reused_run_id"] for t in study.trials if "reused_run_id" in t.user_attrs}
+    assert reused == {g.run_id for g in grid.results}
+
+    again = run_search(phase, [8], 3, **kwargs)  # the same command resumes the study: nothing new to do
+    assert again.parent_run_id == s.parent_run_id
+    assert len(optuna.load_study(study_name=r.study_name, storage=storage).trials) == len(study.trials)
+
+
+def test_a_trial_whose_process_died_is_requeued_and_its_run_resumed(tmp_path, tiny_random_phase, stores, one_thread):
+    import socket
+    import subprocess
+
+    from optuna.distributions import FloatDistribution
+
+    from scaling import runner, tracking
+
+    uri, _ = stores
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    phase = load_phase(phase_file=tiny_random_phase).with_overrides(batch_sizes=[8])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead_owner = f"{socket.gethostname()}:{gone.pid}"
+    # What a SIGKILLed search leaves: a RUNNING trial and a RUNNING MLflow run, both owned by a dead process.
+    study = optuna.create_study(storage=storage, study_name="r-B8")
+    trial = study.ask({"lr": FloatDistribution(1e-3, 1e-2, log=True)})
+    trial.set_user_attr("owner", dead_owner)
+    cfg = phase.run_config(8, trial.params["lr"])
+    client, dev, corpus = runner.prepare(cfg, None, uri, "cpu")
+    run_id = runner.start_run(client, cfg, corpus, dev, "search", None,
+                              {"optuna.study": "r-B8", "optuna.trial": str(trial.number)})
+    tracking.set_tags(client, run_id, {tracking.TAG_OWNER: dead_owner})
+
+    run_search(phase, [8], 2, study_name="r", storage=storage, device="cpu", tracking_uri=uri, seed=0,
+               progress=False)
+    trials = optuna.load_study(study_name="r-B8", storage=storage).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].user_attrs["interrupted"]
+    (again,) = [t for t in trials if t.user_attrs.get("resume_run_id") == run_id]
+    assert again.state == optuna.trial.TrialState.COMPLETE and again.params["lr"] == trial.params["lr"]
+    assert again.user_attrs["mlflow_run_id"] == run_id  # the same MLflow run, resumed, now finished
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.trial"] == str(again.number)
