@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,42 +56,56 @@ class RunOutcome:
 
 
 class MetricSink:
-    """Sends metric rows to MLflow from a background thread, in ``log_batch`` chunks (off the hot path)."""
+    """Sends the metric rows of one or many runs to MLflow from ONE background thread (off the hot path).
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+    One thread for a whole batched group: one store connection at a time, however many runs (a
+    thread per run exhausts a SQL store's connection pool). Rows queued meanwhile are coalesced
+    into ``log_batch`` requests of at most 1,000 values; a failed request is retried with backoff.
+    """
+
+    def __init__(self, client):
+        self.client = client
         self.q: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
-    def put(self, step: int, metrics: dict[str, float]) -> None:
-        self.q.put([(k, v, step) for k, v in metrics.items() if v is not None and math.isfinite(v)])
+    def put(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        self.q.put((run_id, [(k, v, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]))
 
     def _work(self) -> None:
-        while True:
-            rows = self.q.get()
-            if rows is None:
+        stop = False
+        while not stop:
+            item = self.q.get()
+            if item is None:
                 return
-            while True:  # coalesce what has queued up into one request
+            pending: dict[str, list] = {item[0]: list(item[1])}
+            while True:  # coalesce what has queued up
                 try:
                     more = self.q.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    self.q.put(None)
+                    stop = True
                     break
-                rows.extend(more)
-            try:
-                tracking.log_metrics(self.client, self.run_id, rows)
-            except BaseException as e:  # surfaced at close(); training goes on
-                self.error = e
+                pending.setdefault(more[0], []).extend(more[1])
+            for run_id, rows in pending.items():
+                for attempt in range(6):
+                    try:
+                        tracking.log_metrics(self.client, run_id, rows)
+                        break
+                    except Exception as e:  # surfaced at close(); training goes on
+                        if attempt == 5:
+                            self.error = e
+                        else:
+                            time.sleep(0.2 * 2 ** attempt)
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
         if self.error is not None:
-            raise self.error
+            print(f"warning: some step metrics could not be logged ({str(self.error).splitlines()[0][:200]})",
+                  file=sys.stderr)
 
 
 class _Terminated(BaseException):
@@ -213,18 +228,17 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunO
 class RunRecorder:
     """The MLflow side of one run while it trains: metrics (background sink), checkpoints, progress."""
 
-    def __init__(self, client, run_id: str, bar=None, on_eval=None):
-        self.client, self.run_id, self.bar, self.on_eval = client, run_id, bar, on_eval
-        self.sink = MetricSink(client, run_id)
+    def __init__(self, client, run_id: str, sink: MetricSink, bar=None, on_eval=None):
+        self.client, self.run_id, self.sink, self.bar, self.on_eval = client, run_id, sink, bar, on_eval
 
     def hooks(self) -> Hooks:
         def on_log(step, metrics):
-            self.sink.put(step, metrics)
+            self.sink.put(self.run_id, step, metrics)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", clip=f"{metrics['clip_frequency']:.2f}")
 
         def on_eval(step, v):
-            self.sink.put(step, {"val_loss": v})
+            self.sink.put(self.run_id, step, {"val_loss": v})
             if self.on_eval is not None:
                 self.on_eval(step, v)
 
@@ -233,14 +247,12 @@ class RunRecorder:
                      on_step=(lambda step: self.bar.update(1)) if self.bar is not None else (lambda step: None))
 
     def close(self, status: str | None = None) -> None:
-        """Flush metrics; with ``status``, also end the run (KILLED/FAILED on interruption or error)."""
+        """Close the progress bar; with ``status``, also end the run (KILLED/FAILED on interruption or
+        error). The caller closes the (possibly shared) sink first, so every logged row is flushed."""
         if self.bar is not None:
             self.bar.close()
-        try:
-            self.sink.close()
-        finally:
-            if status is not None:
-                tracking.with_retry(self.client.set_terminated, self.run_id, status)
+        if status is not None:
+            tracking.with_retry(self.client.set_terminated, self.run_id, status)
 
 
 def open_run(client, cfg: RunConfig, corpus: Corpus, dev, *, resume_run_id=None, source="train",
@@ -278,17 +290,21 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=resume_state["step"] if resume_state else 0, unit="step",
                    desc=f"B={cfg.batch_size} lr={cfg.lr:g}", file=sys.stderr, mininterval=1.0)
-    rec = RunRecorder(client, run_id, bar, on_eval)
+    sink = MetricSink(client)
+    rec = RunRecorder(client, run_id, sink, bar, on_eval)
     try:
         with sigterm_as_interrupt():
             result = train(cfg, corpus, dev, rec.hooks(), resume_state)
     except (KeyboardInterrupt, _Terminated):
+        sink.close()
         rec.close("KILLED")
         print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
         raise KeyboardInterrupt from None
     except BaseException:
+        sink.close()
         rec.close("FAILED")
         raise
+    sink.close()
     rec.close()
     return finish_run(client, run_id, cfg, result)
 
@@ -312,7 +328,8 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
     opened = [open_run(client, c, corpus, dev, resume_run_id=r, source=source, parent_run_id=parent_run_id,
                        extra_tags=t) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
     corpus.to(dev)
-    recs = [RunRecorder(client, run_id, None, ev) for (run_id, _), ev in zip(opened, on_evals)]
+    sink = MetricSink(client)  # one logging thread for the whole group
+    recs = [RunRecorder(client, run_id, sink, None, ev) for (run_id, _), ev in zip(opened, on_evals)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -325,13 +342,16 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
             results = train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
                                   compile=compile)
     except (KeyboardInterrupt, _Terminated):
+        sink.close()
         for r in recs:
             r.close("KILLED")
         raise KeyboardInterrupt from None
     except BaseException:
+        sink.close()
         for r in recs:
             r.close("FAILED")
         raise
+    sink.close()
     for r in recs:
         r.close()
     return [finish_run(client, run_id, c, res) for (run_id, _), c, res in zip(opened, cfgs, results)]
