@@ -92,6 +92,13 @@ def normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     for c in METRIC_COLUMNS:
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    # A FAILED run that did not diverge is an infrastructure failure (a crash, a lost worker), not the
+    # configuration's outcome: when the same configuration also has a FINISHED or diverged run, that
+    # run is its result and the failure is left out (alone, it still counts as worse than any loss).
+    key = ["phase", "batch_size", "lr", "grad_clip", "seed", "budget"]
+    outcome = df["status"].eq("FINISHED") | df["diverged"]
+    has_outcome = outcome.groupby([df[k].fillna(-1) for k in key]).transform("any")
+    df = df[~(df["status"].eq("FAILED") & ~df["diverged"] & has_outcome)].copy()
     # learned from the baselines when no tag says it
     if "baseline_unigram_loss" in df and "final_val_loss" in df:
         derive = df["learned"].isna() & df["baseline_unigram_loss"].notna() & df["final_val_loss"].notna()

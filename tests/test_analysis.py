@@ -272,3 +272,12 @@ def test_analyze_never_crashes_on_odd_tables(rows):
 def test_a_metric_no_run_records_is_a_config_error():
     with pytest.raises(ConfigError, match="none of its 20 finished runs records 'min_val_loss'"):
         A.analyze(study_runs(), metric="min_val_loss")
+
+
+def test_an_infrastructure_failure_does_not_hide_the_rerun_of_the_same_config():
+    runs = pd.DataFrame({"phase": ["p"] * 3, "batch_size": [32, 32, 32], "lr": [1e-3, 1e-3, 3e-3],
+                         "seed": [0, 0, 0], "status": ["FAILED", "FINISHED", "FAILED"],
+                         "diverged": [False, False, False], "final_val_loss": [np.nan, 2.0, np.nan]})
+    df = A.normalize_runs(runs)
+    assert list(df["status"]) == ["FINISHED", "FAILED"]  # the lone failure of lr 3e-3 still counts (as inf)
+    assert list(A.objective_values(df, "final_val_loss")) == [2.0, math.inf]
