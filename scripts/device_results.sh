@@ -50,7 +50,7 @@ for phase in ${SEARCH_PHASES:-}; do
   [ "$(left)" -gt 60 ] || { say "no time left to search phase $phase (B=$bs)"; continue; }
   say "search phase $phase B=$bs (time left $(left)s)"
   t=$(date +%s)
-  timeout "$(left)" $S search --phase "$phase" --batch-sizes "$bs" --trials 8 --batch 4 --sampler-seed 0 \
+  timeout "$(left)" $S search --phase "$phase" --batch-sizes "$bs" --trials "${SEARCH_TRIALS:-8}" --batch 4 --sampler-seed 0 \
       --device "$DEVICE" $EXTRA --quiet 2>&1 | grep -v -E "Warning|warn\(" | tee -a "$LOG"
   say "search $phase wall $(( $(date +%s) - t ))s"
 done
