@@ -320,9 +320,10 @@ def plot_clip_frequency(ph: dict[str, Any], path: str | Path) -> Path | None:
             color="gray")
     ax.set_xscale("log")
     lrs = sorted({g["lr"] for g in grid})
-    ax.set_xticks(lrs)
-    ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30)
-    ax.minorticks_off()
+    if len(lrs) <= 8:  # a plain grid: its LRs as ticks; searched LRs are too many and too close for that
+        ax.set_xticks(lrs)
+        ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30)
+        ax.minorticks_off()
     ax.set_ylim(-0.03, 1.1)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("clip frequency (fraction of steps clipped)")
