@@ -144,6 +144,13 @@ def _load_split_cached(path: Path) -> tuple[np.ndarray, str]:
 def _load_from_hub(splits: tuple[str, str]) -> tuple[dict[str, np.ndarray], str]:
     import datasets
 
+    datasets.logging.set_verbosity_error()  # a failed download is reported once, by us, in one line
+    try:
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass
     try:
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
     except Exception as e:  # offline, hub down, ...
