@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_TEXT = FIXTURES / "wikitext-tiny"  # wiki.valid.tokens + wiki.test.tokens (no train split)
+# The real WikiText-2 copy beside the checkout (../shared/data), when there is one.
+LOCAL_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1"
 
 TINY_TEXT_PHASE = """\
 name: tiny_text
@@ -75,3 +79,19 @@ def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProce
 
 def dedent(s: str) -> str:
     return textwrap.dedent(s)
+
+
+def migrated_empty_store() -> Path:
+    """A migrated, empty MLflow SQLite store, made once per MLflow version and kept in the temp dir
+    (creating one takes seconds); tests copy it."""
+    import mlflow
+
+    from scaling import tracking
+
+    path = Path(tempfile.gettempdir()) / f"scaling-tests-empty-mlflow-{mlflow.__version__}.db"
+    if not path.is_file():
+        d = Path(tempfile.mkdtemp())
+        tracking.connect(f"sqlite:///{d}/mlflow.db")
+        os.replace(d / "mlflow.db", path)
+        shutil.rmtree(d, ignore_errors=True)
+    return path

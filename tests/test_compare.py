@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import migrated_empty_store
 from scaling import tracking
 from scaling.cli import main
 from scaling.config import ConfigError, load_phase
@@ -26,20 +26,6 @@ from scaling.report import FORMATS, compare
 FIXTURES = Path(__file__).parent / "fixtures"
 STUDY = FIXTURES / "study_phase_2_5.csv"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def migrated_empty_store() -> Path:
-    """A migrated, empty MLflow SQLite store, made once per MLflow version and kept in the temp dir
-    (creating one takes seconds); tests copy it. (Same helper as in test_import.py.)"""
-    import mlflow
-
-    path = Path(tempfile.gettempdir()) / f"scaling-tests-empty-mlflow-{mlflow.__version__}.db"
-    if not path.is_file():
-        d = Path(tempfile.mkdtemp())
-        tracking.connect(f"sqlite:///{d}/mlflow.db")
-        os.replace(d / "mlflow.db", path)
-        shutil.rmtree(d, ignore_errors=True)
-    return path
 
 
 @pytest.fixture

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import LOCAL_WIKITEXT, migrated_empty_store
 from scaling import importing, tracking
 from scaling.config import ConfigError, load_phase
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STUDY = FIXTURES / "study_phase_2_5.csv"
 DEFECT = FIXTURES / "phase_3a_like_clip_defect.csv"
-LOCAL_WIKITEXT = Path("/work/shared/data/wikitext-2-v1")
-
-
-def migrated_empty_store() -> Path:
-    """A migrated, empty MLflow SQLite store, made once per MLflow version (creating one takes
-    seconds) and kept in the temp dir; tests copy it."""
-    import mlflow
-
-    path = Path(tempfile.gettempdir()) / f"scaling-tests-empty-mlflow-{mlflow.__version__}.db"
-    if not path.is_file():
-        d = Path(tempfile.mkdtemp())
-        tracking.connect(f"sqlite:///{d}/mlflow.db")
-        os.replace(d / "mlflow.db", path)
-        shutil.rmtree(d, ignore_errors=True)
-    return path
 
 
 @pytest.fixture(scope="module")
