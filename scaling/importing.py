@@ -134,6 +134,18 @@ def read_table(path: str | Path, phase_name: str) -> list[_Row]:
     return rows
 
 
+def _optional_int(fname: str, line: int, d: dict, key: str, minimum: int) -> int | None:
+    """An optional integer column (``steps``, ``seed``): None when empty, else an int >= ``minimum``."""
+    if d.get(key, "") == "":
+        return None
+    x = _num(fname, line, key, d[key])
+    if x is None:  # "na", "null", ...
+        return None
+    if not (math.isfinite(x) and x >= minimum and x == int(x)):
+        raise ConfigError(f"{fname} line {line}: {key} must be an integer >= {minimum}, got {d[key]!r}")
+    return int(x)
+
+
 def _num(fname: str, line: int, col: str, v: str, required: bool = False) -> float | None:
     if v == "" or v.lower() in ("na", "n/a", "null", "none"):
         if required:
@@ -170,18 +182,8 @@ def _parse_row(fname: str, line: int, d: dict[str, str], key: str) -> _Row:
             clip = _num(fname, line, "grad_clip", d["grad_clip"])
             if not (math.isfinite(clip) and clip > 0):
                 raise ConfigError(f"{fname} line {line}: grad_clip must be a number > 0 or 'none', got {d['grad_clip']!r}")
-    steps = None
-    if d.get("steps", "") != "":
-        s = _num(fname, line, "steps", d["steps"])
-        if not (math.isfinite(s) and s >= 1 and s == int(s)):
-            raise ConfigError(f"{fname} line {line}: steps must be an integer >= 1, got {d['steps']!r}")
-        steps = int(s)
-    seed = None
-    if d.get("seed", "") != "":
-        s = _num(fname, line, "seed", d["seed"])
-        if not (math.isfinite(s) and s >= 0 and s == int(s)):
-            raise ConfigError(f"{fname} line {line}: seed must be an integer >= 0, got {d['seed']!r}")
-        seed = int(s)
+    steps = _optional_int(fname, line, d, "steps", 1)
+    seed = _optional_int(fname, line, d, "seed", 0)
     metrics = {}
     for m in METRICS:
         if m in d and m != "final_val_loss":
