@@ -252,7 +252,7 @@ import json, os, sys, time
 from scaling.sweep import ClaimStore
 from scaling.tracking import owner_id
 
-url, start_at, hashes = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(",")
+url, start_at, hashes, barrier = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
 store = ClaimStore(url)
 k = os.getpid() % len(hashes)
 hashes = hashes[k:] + hashes[:k]  # each process in its own order
@@ -263,7 +263,13 @@ for h in hashes:
     if store.try_claim("race", h, owner_id(), h) is not None:
         won.append(h)
     time.sleep(0.002)  # let the others in: the claims interleave
-print(json.dumps(won))
+print(json.dumps(won), flush=True)
+# Stay alive until every racer is done, as a worker holding claims does: a claim whose owner process
+# has exited is a dead owner's, which another worker may rightly take over.
+open(os.path.join(barrier, str(os.getpid())), "w").close()
+deadline = time.time() + 60
+while len(os.listdir(barrier)) < 4 and time.time() < deadline:
+    time.sleep(0.01)
 """
 
 
@@ -283,7 +289,10 @@ def test_claims_are_atomic_when_processes_race_for_the_same_configs(tmp_path):
     for h in orphaned:  # claimed by a process that is gone
         assert store.try_claim("race", h, f"{os.uname().nodename}:{dead.pid}", h) is not None
     start_at = time.time() + 3
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, url, str(start_at), ",".join(fresh + orphaned)],
+    barrier = tmp_path / "done"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, url, str(start_at), ",".join(fresh + orphaned),
+                               str(barrier)],
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
     results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
