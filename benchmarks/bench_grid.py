@@ -51,33 +51,26 @@ def flops_per_token(mc, n_params: int) -> float:
     return 6.0 * n_params + 12.0 * mc.n_layers * mc.context_length * mc.d_model
 
 
-def parse_variant(variant: str) -> tuple[bool | str, str, str]:
-    """COMPILE[:LAYOUT[:SDPA]] → (train_group's compile argument, layout, SDPA backend on CUDA)."""
+def parse_variant(variant: str) -> dict:
+    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE]]] → train_group keyword arguments.
+
+    COMPILE: eager, compile (default mode), cdt (default mode + coordinate-descent tuning of the
+    generated kernels) or a torch.compile mode name; LAYOUT: slots, groups; ATTENTION: the CUDA SDPA
+    backend (default = torch's choice, flash, efficient, cudnn, math); SCOPE:
+    graph (compile the whole pass, train_group's default) or block (one block, reused per layer).
+    """
     parts = variant.split(":")
-    comp, layout, sdpa = parts[0], (parts[1:2] or ["slots"])[0], (parts[2:3] or ["default"])[0]
-    return (False if comp == "eager" else (True if comp == "compile" else comp)), layout, sdpa
+    comp = parts[0]
+    layout = (parts[1:2] or ["slots"])[0]
+    attention = (parts[2:3] or ["default"])[0]
+    scope = (parts[3:4] or ["graph"])[0]
+    compile_arg = {"eager": False, "compile": True, "cdt": {"coordinate_descent_tuning": True}}.get(comp, comp)
+    return {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope}
 
 
-class sdpa_backend:
-    """Restrict F.scaled_dot_product_attention's CUDA backends (global flags, read when a graph is traced)."""
-
-    FLAGS = ("flash", "mem_efficient", "cudnn")
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        b = torch.backends.cuda
-        self.saved = [b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled()]
-        if self.name != "default":
-            keep = {"flash": "flash", "efficient": "mem_efficient", "cudnn": "cudnn"}[self.name]
-            for f in self.FLAGS:
-                getattr(b, f"enable_{f}_sdp")(f == keep)
-        torch._dynamo.reset()  # a new backend or variant: trace again
-
-    def __exit__(self, *exc):
-        for f, on in zip(self.FLAGS, self.saved):
-            getattr(torch.backends.cuda, f"enable_{f}_sdp")(on)
+def fresh_compile() -> None:
+    """Forget every compiled graph (in memory; on disk too with --cold) before a variant."""
+    torch._dynamo.reset()
 
 
 class Bench:
@@ -210,15 +203,15 @@ class Bench:
         return [p.run_config(b, lr, clip, seed) for b, lr, clip, seed in self.points]
 
     def run_c(self, variant: str) -> None:
-        compile_arg, layout, sdpa = parse_variant(variant)
+        kw = parse_variant(variant)
         n = self.args.group_steps
         cfgs = self.grid_cfgs(n, eval_interval=max(1, n // 2), checkpoint_every=10 * n)
         tm: dict = {}
+        fresh_compile()
         self.sync()
         t = time.perf_counter()
-        with sdpa_backend(sdpa):
-            res = train_group(cfgs, self.corpus, self.device, compile=compile_arg, layout=layout, timings=tm)
-            self.sync()
+        res = train_group(cfgs, self.corpus, self.device, timings=tm, **kw)
+        self.sync()
         wall = time.perf_counter() - t
         from scaling.batched import WARM_TICKS
         warm = sum(tm["warm"][:WARM_TICKS])
@@ -303,9 +296,12 @@ class Bench:
             self.corpus = saved
 
     def _check(self, cfgs, n, li, rec) -> None:
+        kw = parse_variant(self.args.check_variant)
+
         def group(precision):
             rs = [rec() for _ in cfgs]
-            train_group(cfgs, self.corpus, self.device, [h for *_, h in rs], precision=precision)
+            fresh_compile()
+            train_group(cfgs, self.corpus, self.device, [h for *_, h in rs], precision=precision, **kw)
             return [(lg, ev) for lg, ev, _ in rs]
 
         runs = {"group_auto": group("auto"), "group_fp32": group("fp32")}
@@ -349,7 +345,7 @@ class Bench:
                 variant = min(measured, key=measured.get)
             elif self.args.full_variant not in ("best", "last"):
                 variant = self.args.full_variant
-            compile_arg, layout, sdpa = parse_variant(variant)
+            kw = parse_variant(variant)
             cfgs = self.grid_cfgs(None)
             t0 = time.perf_counter()
 
@@ -359,10 +355,10 @@ class Bench:
                     raise Pruned()
 
             tm: dict = {}
-            with sdpa_backend(sdpa):
-                res = train_group(cfgs, self.corpus, self.device, [Hooks(on_step=on_step) for _ in cfgs],
-                                  compile=compile_arg, layout=layout, timings=tm)
-                self.sync()
+            fresh_compile()
+            res = train_group(cfgs, self.corpus, self.device, [Hooks(on_step=on_step) for _ in cfgs], timings=tm,
+                              **kw)
+            self.sync()
             wall = time.perf_counter() - t0
             r = {"variant": variant, "wall_s": wall, "complete": all(x.status != "PRUNED" for x in res),
                  "statuses": [x.status for x in res], "steps_done": [x.steps_done for x in res],
@@ -388,18 +384,25 @@ class Bench:
             self.save()
 
     def profile(self) -> None:
-        """Top kernels of a short batched run (the last variant, after its compile is cached)."""
-        from torch.profiler import ProfilerActivity, profile
-        variant = self.args.variants[-1]
-        compile_arg, layout, sdpa = parse_variant(variant)
+        """Top kernels (CUDA time) of steady training steps of one variant: 3 steps to compile and warm up,
+        then ``--profile`` steps recorded (no evaluation, no checkpoint in the recorded window)."""
+        from torch.profiler import ProfilerActivity, profile, schedule
+        variant = self.args.profile_variant or self.args.variants[-1]
+        kw = parse_variant(variant)
         n = self.args.profile
-        cfgs = self.grid_cfgs(n, eval_interval=10 * n, checkpoint_every=10 * n)
+        warm = 3
+        cfgs = self.grid_cfgs(warm + n + 1, eval_interval=10 * n, checkpoint_every=10 * n)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        with sdpa_backend(sdpa), profile(activities=acts) as prof:
-            train_group(cfgs, self.corpus, self.device, compile=compile_arg, layout=layout)
+        fresh_compile()
+        with profile(activities=acts, schedule=schedule(wait=warm, warmup=0, active=n, repeat=1)) as prof:
+            def on_step(step):  # one prof.step() per group step (the first member's hook)
+                prof.step()
+
+            hooks = [Hooks(on_step=on_step)] + [Hooks() for _ in cfgs[1:]]
+            train_group(cfgs, self.corpus, self.device, hooks, **kw)
             self.sync()
         key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
         print(table)
         self.out["profile"] = {"variant": variant, "steps": n, "table": table}
         self.save()
@@ -412,9 +415,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--paths", default="a,b,c", help="which of a,b,c to measure")
     ap.add_argument("--variants", default="eager:slots",
-                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:SDPA]]: COMPILE in eager, compile "
-                         "or a torch.compile mode; LAYOUT in slots, groups; SDPA (CUDA attention backend) in default, "
-                         "flash, efficient, cudnn (the last variant is used by --profile)")
+                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE]]] (see "
+                         "parse_variant): COMPILE in eager, compile, cdt or a torch.compile mode; LAYOUT in slots, "
+                         "groups; ATTENTION in default, flash, efficient, cudnn, math; SCOPE in graph, block")
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="override the grid's batch sizes")
     ap.add_argument("--lrs", type=float, nargs="+", help="override the grid's learning rates")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per batch size for (a) and (b)")
@@ -422,6 +425,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-steps", type=int, default=300, help="steps of the timed train_group run (c)")
     ap.add_argument("--check", action="store_true", help="compare losses: batched vs alone, bf16 vs fp32")
     ap.add_argument("--check-steps", type=int, default=300)
+    ap.add_argument("--check-variant", default="eager", help="the train_group variant --check runs (batched paths)")
     ap.add_argument("--full", default="", help="paths to also run on the whole grid for real, e.g. c")
     ap.add_argument("--full-max-s", type=float, default=0.0, help="stop a --full run after this many seconds")
     ap.add_argument("--full-variant", default="last",
@@ -430,7 +434,10 @@ def main(argv=None) -> int:
                     help="stop --full runs this many seconds after the program started (they report complete=false)")
     ap.add_argument("--check-data-dir", help="WikiText-2 directory for --check (default: the benchmark's corpus)")
     ap.add_argument("--check-splits", default="valid:test")
-    ap.add_argument("--profile", type=int, default=0, help="profile N steps of the last variant")
+    ap.add_argument("--profile", type=int, default=0, help="profile N steady steps of --profile-variant")
+    ap.add_argument("--profile-variant", help="the variant to profile (default: the last of --variants)")
+    ap.add_argument("--cold", action="store_true",
+                    help="no on-disk compile caches: every variant compiles from scratch (honest compile times)")
     ap.add_argument("--eval-batches", type=int, help="override the phase's eval_batches (64 sequences each)")
     ap.add_argument("--data-dir", help="WikiText-2 directory (default: random tokens)")
     ap.add_argument("--splits", default="train:valid")
@@ -447,6 +454,12 @@ def main(argv=None) -> int:
         args.eval_batches = args.eval_batches or 1
         torch.set_num_threads(1)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.cold:
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+        inductor_config.fx_graph_cache = False
+        if hasattr(functorch_config, "enable_autograd_cache"):
+            functorch_config.enable_autograd_cache = False
     paths = [p for p in args.paths.split(",") if p]
     t0 = time.perf_counter()
     bench = Bench(args)

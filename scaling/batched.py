@@ -61,6 +61,8 @@ LAYOUTS = ("slots", "groups")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECOMPILE_LIMIT = 64  # dynamo versions kept per compiled function (default 8), see train_group
 WARM_TICKS = 3  # ticks timed (with a sync) after each (re)build of the pass, for compile-time accounting
+SCOPES = ("block", "graph")
+ATTENTION = ("default", "flash", "efficient", "cudnn", "math")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,37 +73,75 @@ def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return F.layer_norm(x, x.shape[-1:]) * w[:, None, :] + b[:, None, :]
 
 
+def _block(h: torch.Tensor, ln1w: torch.Tensor, ln1b: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor,
+           ln2w: torch.Tensor, ln2b: torch.Tensor, fc: torch.Tensor, fc_proj: torch.Tensor, S: int,
+           n_heads: int) -> torch.Tensor:
+    """One pre-LN transformer block on M slots at once: h is (M, S*T, C), weights are (M, *shape)."""
+    M, ST, C = h.shape
+    T, H = ST // S, n_heads
+    a = _layer_norm(h, ln1w, ln1b)
+    q, k, v = torch.bmm(a, qkv.transpose(1, 2)).split(C, dim=2)
+    q, k, v = (z.reshape(M * S, T, H, C // H).transpose(1, 2) for z in (q, k, v))
+    att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(M, ST, C)
+    h = h + torch.bmm(att, proj.transpose(1, 2))
+    a = _layer_norm(h, ln2w, ln2b)
+    a = F.gelu(torch.bmm(a, fc.transpose(1, 2)))
+    return h + torch.bmm(a, fc_proj.transpose(1, 2))
+
+
+def _embed(x: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
+    """Token + position embeddings of M slots: x is (M, S, T) → (M, S*T, C)."""
+    M, S, T = x.shape
+    V, C = wte.shape[1:]
+    offs = torch.arange(M, device=x.device).mul_(V).view(M, 1, 1)
+    h = F.embedding(x + offs, wte.reshape(M * V, C)) + wpe[:, None, :T, :]
+    return h.reshape(M, S * T, C)
+
+
+def _head_losses(h: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, wte: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+    """Final LayerNorm, tied head, fp32 cross-entropy: the mean loss of each slot, (M,)."""
+    M, ST, _ = h.shape
+    logits = torch.bmm(_layer_norm(h, lnw, lnb), wte.transpose(1, 2))
+    ce = F.cross_entropy(logits.float().reshape(M * ST, -1), y.reshape(-1), reduction="none")
+    return ce.view(M, ST).mean(1)
+
+
+BLOCK_PARAMS = ("ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.proj.weight", "ln2.weight", "ln2.bias",
+                "mlp.fc.weight", "mlp.proj.weight")
+
+
+@dataclass(frozen=True)
+class Regions:
+    """The functions a forward pass is made of: plain, or each one compiled once (``scope="block"``)."""
+    embed: Any = _embed
+    block: Any = _block
+    head: Any = _head_losses
+
+
+EAGER = Regions()
+
+
 def stacked_slot_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                        mc: ModelConfig) -> torch.Tensor:
+                        mc: ModelConfig, regions: Regions = EAGER) -> torch.Tensor:
     """Mean cross-entropy of each slot: ``W[name]`` is (M, *shape), x and y are (M, S, T) → (M,).
 
     Slot j runs the NanoTransformer with weights ``W[name][j]`` on its S sequences: the same
     operations as ``NanoTransformer.loss`` (pre-LN blocks, causal SDPA, 4x GELU MLP, tied head,
     logits in fp32 for the cross-entropy), as batched matmuls over the slot dimension.
+    ``regions`` are the three functions the pass is made of (embeddings, a block, the head):
+    ``torch.compile`` can compile each once (``scope="block"``: the same compiled block serves every
+    layer) instead of the whole unrolled pass.
     """
-    M, S, T = x.shape
-    C, H, V = mc.d_model, mc.n_heads, mc.vocab_size
-    wte = W["wte.weight"]  # (M, V, C)
-    offs = torch.arange(M, device=x.device).mul_(V).view(M, 1, 1)
-    h = F.embedding(x + offs, wte.reshape(M * V, C)) + W["wpe.weight"][:, None, :T, :]
-    h = h.reshape(M, S * T, C)
+    S, H = x.shape[1], mc.n_heads
+    h = regions.embed(x, W["wte.weight"], W["wpe.weight"])
     for i in range(mc.n_layers):
-        p = f"blocks.{i}."
-        a = _layer_norm(h, W[p + "ln1.weight"], W[p + "ln1.bias"])
-        q, k, v = torch.bmm(a, W[p + "attn.qkv.weight"].transpose(1, 2)).split(C, dim=2)
-        q, k, v = (z.reshape(M * S, T, H, C // H).transpose(1, 2) for z in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(M, S * T, C)
-        h = h + torch.bmm(att, W[p + "attn.proj.weight"].transpose(1, 2))
-        a = _layer_norm(h, W[p + "ln2.weight"], W[p + "ln2.bias"])
-        a = F.gelu(torch.bmm(a, W[p + "mlp.fc.weight"].transpose(1, 2)))
-        h = h + torch.bmm(a, W[p + "mlp.proj.weight"].transpose(1, 2))
-    logits = torch.bmm(_layer_norm(h, W["ln_f.weight"], W["ln_f.bias"]), wte.transpose(1, 2))
-    ce = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1), reduction="none")
-    return ce.view(M, S * T).mean(1)
+        h = regions.block(h, *[W[f"blocks.{i}.{n}"] for n in BLOCK_PARAMS], S, H)
+    return regions.head(h, W["ln_f.weight"], W["ln_f.bias"], W["wte.weight"], y)
 
 
 def _make_slots_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[tuple[int, int, int], ...],
-                     S: int):
+                     S: int, regions: Regions = EAGER):
     """Loss of the "slots" layout: every live model's batch as B/S slots of S sequences, one batched pass.
 
     ``segments`` are runs of consecutive rows [a, b) of equal batch size B: the slots' weights are
@@ -117,7 +157,7 @@ def _make_slots_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[
 
     def loss(params: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         W = {n: gather(p) for n, p in zip(names, params)}
-        slot_loss = stacked_slot_losses(W, x, y, mc)
+        slot_loss = stacked_slot_losses(W, x, y, mc, regions)
         per_model, off = [], 0
         for a, b, B in segments:
             n = B // S
@@ -131,14 +171,16 @@ def _make_slots_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[
     return loss
 
 
-def _make_groups_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[tuple[int, int, int], ...]):
+def _make_groups_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[tuple[int, int, int], ...],
+                      regions: Regions = EAGER):
     def loss(params: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         T = x.shape[-1]
         out, off = [], 0
         for a, b, B in segments:
             n = (b - a) * B
             W = {nm: p[a:b] for nm, p in zip(names, params)}
-            out.append(stacked_slot_losses(W, x[off:off + n].view(b - a, B, T), y[off:off + n].view(b - a, B, T), mc))
+            out.append(stacked_slot_losses(W, x[off:off + n].view(b - a, B, T), y[off:off + n].view(b - a, B, T), mc,
+                                           regions))
             off += n
         losses = torch.cat(out)
         model_loss = torch.zeros(K, device=losses.device, dtype=losses.dtype).index_copy(0, rows, losses.detach())
@@ -227,9 +269,66 @@ def _check_group(cfgs: list[RunConfig]) -> None:
             raise ValueError("train_group: configs differ in train.eval_batches (the validation set)")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Compilation and attention backends
+
+_COMPILED: dict = {}  # (what, mode/options) -> compiled callables, reused by every train_group of the process
+
+
+def _compile_kwargs(compile: bool | str | dict) -> dict:
+    if isinstance(compile, dict):
+        return {"options": dict(compile)}
+    return {"mode": None if compile is True else compile}
+
+
+def _compile_key(compile) -> tuple:
+    return tuple(sorted(compile.items())) if isinstance(compile, dict) else (compile,)
+
+
+def _allow_recompiles() -> None:
+    """Every pass shape is a new dynamo version of the same code: keep more than the default 8."""
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+            break
+
+
+def compiled_regions(compile: bool | str | dict) -> Regions:
+    """The embedding, block and head functions compiled once per process (``scope="block"``).
+
+    One compiled block serves all layers of every pass (dynamo keys its versions on shapes, not on
+    which weights come in), so the compile costs one block, not the unrolled network.
+    """
+    key = ("regions",) + _compile_key(compile)
+    if key not in _COMPILED:
+        kw = _compile_kwargs(compile)
+        _COMPILED[key] = Regions(*(torch.compile(f, dynamic=False, **kw) for f in (_embed, _block, _head_losses)))
+    return _COMPILED[key]
+
+
+def compiled_update():
+    """The optimizer step, compiled once per process (default mode)."""
+    if ("update",) not in _COMPILED:
+        _COMPILED[("update",)] = torch.compile(_update, dynamic=False)
+    return _COMPILED[("update",)]
+
+
+def attention_backend(name: str, device: torch.device):
+    """A context restricting ``F.scaled_dot_product_attention`` to one backend on CUDA ("default": no
+    restriction). It must surround the first call of a compiled pass: the backend is chosen at trace time."""
+    if name == "default" or device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    b = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([b])
+
+
 def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 hooks: Sequence[Hooks] | None = None, resume_states: Sequence[dict | None] | None = None,
-                compile: bool | str = False, *, layout: str = "slots", precision: str = "auto",
+                compile: bool | str | dict = False, *, layout: str = "slots", precision: str = "auto",
+                scope: str = "graph", attention: str = "default",
                 timings: dict | None = None) -> list[TrainResult]:
     """Train every config of ``cfgs`` together on ``corpus`` (already on ``device``); one result per config.
 
@@ -242,8 +341,13 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     config_hash, rng states): a config can be resumed here or by ``train``, from a state made by either.
     ``tokens_per_s`` in ``on_log`` is that config's tokens per second of the group's wall time.
 
-    compile: False, True (``torch.compile`` default mode) or a mode name ("max-autotune-no-cudagraphs",
-    ...) for the forward/backward; the optimizer step is compiled in the default mode.
+    compile: False, True (``torch.compile`` default mode), a mode name ("max-autotune-no-cudagraphs", ...)
+    or a dict of inductor options, for the forward/backward; the optimizer step is compiled in the default
+    mode. scope: "graph" compiles each pass whole; "block" compiles the embeddings, one transformer block
+    (reused for every layer) and the head, once per process — a third of the compile time, but the eager
+    glue between the regions makes the step CPU-bound (docs/performance.md).
+    attention: the CUDA SDPA backend ("default": torch's choice — cuDNN on an H100 in bf16, measured the
+    fastest of them here —, "flash", "efficient", "cudnn", "math").
     layout: "slots" or "groups" (see the module docstring). precision: "auto" (bf16 autocast on CUDA,
     fp32 elsewhere, as train.py), "fp32" or "bf16". timings: if a dict is given it is filled with
     ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
@@ -258,6 +362,10 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     hooks = list(hooks) if hooks is not None else [Hooks() for _ in cfgs]
     resume_states = list(resume_states) if resume_states is not None else [None] * K
     if len(hooks) != K or len(resume_states) != K:
@@ -346,15 +454,10 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     sched_buf = torch.ones(3, K, device=device)
     fpos_buf = torch.full((K,), Wmax, device=device, dtype=torch.long)
     if compile:
-        # every build of a pass (and every train_group call) is a new closure of the same code: let dynamo
-        # keep more than its default 8 versions before it silently falls back to eager
-        import torch._dynamo.config as dynamo_config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo_config, name):
-                setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-                break
-    update = torch.compile(_update, dynamic=False) if compile else _update
-    mode = None if compile is True else (compile or None)
+        _allow_recompiles()
+    update = compiled_update() if compile else _update
+    regions = compiled_regions(compile) if compile and scope == "block" else EAGER
+    whole = bool(compile) and scope == "graph"
 
     # --- the pass: which models run, in what shape -----------------------------------------------------
     class Pass:
@@ -381,10 +484,10 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         ps.rows = torch.tensor(rows, device=device)
         if layout == "slots":
             ps.S = math.gcd(*[mb.cfg.batch_size for mb in live])
-            fn = _make_slots_loss(names, mc, K, ps.segments, ps.S)
+            fn = _make_slots_loss(names, mc, K, ps.segments, ps.S, regions)
         else:
-            fn = _make_groups_loss(names, mc, K, ps.segments)
-        ps.loss = torch.compile(fn, mode=mode, dynamic=False) if compile else fn
+            fn = _make_groups_loss(names, mc, K, ps.segments, regions)
+        ps.loss = torch.compile(fn, dynamic=False, **_compile_kwargs(compile)) if whole else fn
         ps.table = None
         ps.warm_left = WARM_TICKS
         return ps
@@ -431,7 +534,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         tot = torch.zeros(len(rows), device=device)
         for x, y in val_set:
             xe, ye = x.expand(len(rows), *x.shape), y.expand(len(rows), *y.shape)
-            with autocast():
+            with autocast(), attention_backend(attention, device):
                 tot += stacked_slot_losses(W, xe, ye, mc)
         return (tot / len(val_set)).tolist()
 
@@ -471,7 +574,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         sched_buf.copy_(sched[r])
         fpos_buf.copy_(fpos[r])
         x, y = windows(tokens, starts[r], offs)
-        with autocast():
+        with autocast(), attention_backend(attention, device):
             if layout == "slots":
                 xs, ys = x.view(-1, ps.S, T), y.view(-1, ps.S, T)
                 loss, model_loss = ps.loss(params, ps.rows, xs, ys)

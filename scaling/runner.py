@@ -55,7 +55,29 @@ class RunOutcome:
         return f"run {self.run_id} {self.status}: {what}"
 
 
-class MetricSink:
+class _Worker:
+    """One daemon thread fed through a queue; ``close`` lets it finish what is queued, then reports the
+    first error it kept."""
+
+    failure = "work could not be done"
+
+    def __init__(self, max_pending: int = 0):
+        self.q: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            print(f"warning: {self.failure} ({str(self.error).splitlines()[0][:200]})", file=sys.stderr)
+
+
+class MetricSink(_Worker):
     """Sends the metric rows of one or many runs to MLflow from ONE background thread (off the hot path).
 
     One thread for a whole batched group: one store connection at a time, however many runs (a
@@ -63,12 +85,11 @@ class MetricSink:
     into ``log_batch`` requests of at most 1,000 values; a failed request is retried with backoff.
     """
 
+    failure = "some step metrics could not be logged"
+
     def __init__(self, client):
         self.client = client
-        self.q: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
+        super().__init__()
 
     def put(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         self.q.put((run_id, [(k, v, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]))
@@ -100,12 +121,88 @@ class MetricSink:
                         else:
                             time.sleep(0.2 * 2 ** attempt)
 
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            print(f"warning: some step metrics could not be logged ({str(self.error).splitlines()[0][:200]})",
-                  file=sys.stderr)
+
+def _snapshot(obj):
+    """A copy of a checkpoint state whose tensors no longer change with training (cloned where they live:
+    on a GPU the clone is queued on the stream, so taking it does not wait for the GPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+def _tensors(obj, out: list) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors(v, out)
+
+
+def _replace(obj, new: dict):
+    if isinstance(obj, torch.Tensor):
+        return new[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _replace(v, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_replace(v, new) for v in obj)
+    return obj
+
+
+def _to_cpu(state):
+    """The state with every tensor on the host, in ONE device-to-host copy per (device, dtype): a GPU
+    checkpoint holds ~80 small tensors, and each synchronous copy waits for the GPU's queue."""
+    tensors: list[torch.Tensor] = []
+    _tensors(state, tensors)
+    groups: dict = {}
+    for t in tensors:
+        if t.device.type != "cpu":
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    new = {id(t): t for t in tensors if t.device.type == "cpu"}
+    for ts in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in ts]).cpu()
+        for t, piece in zip(ts, flat.split([t.numel() for t in ts])):
+            new[id(t)] = piece.view(t.shape).clone()  # its own storage: torch.save writes only what it holds
+    return _replace(state, new)
+
+
+class CheckpointWriter(_Worker):
+    """Writes checkpoint states as MLflow artifacts from ONE background thread (off the training loop).
+
+    ``put`` snapshots the state (device-side clones) and returns at once; the thread copies it to the
+    host, ``torch.save``s it and logs it as ``checkpoints/last.pt``, in the order given (a run's later
+    checkpoint always lands after its earlier one). At most ``max_pending`` states wait; ``put`` blocks
+    beyond that. ``close`` writes everything still queued — call it before a run is ended (FINISHED,
+    KILLED or FAILED), so an interrupted run keeps its newest checkpoint.
+    """
+
+    failure = "a checkpoint could not be written"
+
+    def __init__(self, client, max_pending: int = 64):
+        self.client = client
+        super().__init__(max_pending)
+
+    def put(self, run_id: str, state: dict) -> None:
+        if self.error is not None:  # a lost checkpoint fails the run, as a synchronous write would
+            raise RuntimeError(f"checkpoint writing failed: {self.error}") from self.error
+        self.q.put((run_id, _snapshot(state)))
+
+    def _work(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    save_checkpoint(self.client, item[0], _to_cpu(item[1]))
+                except Exception as e:
+                    self.error = e
 
 
 class _Terminated(BaseException):
@@ -228,8 +325,9 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunO
 class RunRecorder:
     """The MLflow side of one run while it trains: metrics (background sink), checkpoints, progress."""
 
-    def __init__(self, client, run_id: str, sink: MetricSink, bar=None, on_eval=None):
-        self.client, self.run_id, self.sink, self.bar, self.on_eval = client, run_id, sink, bar, on_eval
+    def __init__(self, client, run_id: str, sink: MetricSink, writer: CheckpointWriter, bar=None, on_eval=None):
+        self.client, self.run_id, self.sink, self.writer = client, run_id, sink, writer
+        self.bar, self.on_eval = bar, on_eval
 
     def hooks(self) -> Hooks:
         def on_log(step, metrics):
@@ -243,12 +341,13 @@ class RunRecorder:
                 self.on_eval(step, v)
 
         return Hooks(on_log=on_log, on_eval=on_eval,
-                     on_checkpoint=lambda step, state: save_checkpoint(self.client, self.run_id, state),
+                     on_checkpoint=lambda step, state: self.writer.put(self.run_id, state),
                      on_step=(lambda step: self.bar.update(1)) if self.bar is not None else (lambda step: None))
 
     def close(self, status: str | None = None) -> None:
         """Close the progress bar; with ``status``, also end the run (KILLED/FAILED on interruption or
-        error). The caller closes the (possibly shared) sink first, so every logged row is flushed."""
+        error). The caller closes the (possibly shared) sink and checkpoint writer first, so every logged
+        row and every checkpoint is written before the run ends."""
         if self.bar is not None:
             self.bar.close()
         if status is not None:
@@ -277,6 +376,24 @@ def open_run(client, cfg: RunConfig, corpus: Corpus, dev, *, resume_run_id=None,
     return resume_run_id, state
 
 
+def _drain(sink: MetricSink, writer: CheckpointWriter) -> bool:
+    """Flush the background threads (metrics, then checkpoints). A SIGINT/SIGTERM meanwhile waits until
+    they are done (a second Ctrl-C must not lose queued checkpoints); returns whether one came."""
+    if threading.current_thread() is not threading.main_thread():
+        sink.close()
+        writer.close()
+        return False
+    got: list[int] = []
+    old = {sig: signal.signal(sig, lambda s, f: got.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sink.close()
+        writer.close()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return bool(got)
+
+
 def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri=None, resume_run_id=None,
                progress: bool = True, source: str = "train", parent_run_id: str | None = None,
                extra_tags: dict | None = None, on_eval=None, prepared=None) -> RunOutcome:
@@ -290,23 +407,26 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=resume_state["step"] if resume_state else 0, unit="step",
                    desc=f"B={cfg.batch_size} lr={cfg.lr:g}", file=sys.stderr, mininterval=1.0)
-    sink = MetricSink(client)
-    rec = RunRecorder(client, run_id, sink, bar, on_eval)
+    sink, writer = MetricSink(client), CheckpointWriter(client)
+    rec = RunRecorder(client, run_id, sink, writer, bar, on_eval)
     try:
         with sigterm_as_interrupt():
             result = train(cfg, corpus, dev, rec.hooks(), resume_state)
     except (KeyboardInterrupt, _Terminated):
-        sink.close()
+        _drain(sink, writer)
         rec.close("KILLED")
         print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
         raise KeyboardInterrupt from None
     except BaseException:
-        sink.close()
+        _drain(sink, writer)
         rec.close("FAILED")
         raise
-    sink.close()
+    interrupted = _drain(sink, writer)
     rec.close()
-    return finish_run(client, run_id, cfg, result)
+    outcome = finish_run(client, run_id, cfg, result)
+    if interrupted:  # the run was complete: it is recorded, then the interruption goes on
+        raise KeyboardInterrupt
+    return outcome
 
 
 def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracking_uri=None,
@@ -328,8 +448,8 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
     opened = [open_run(client, c, corpus, dev, resume_run_id=r, source=source, parent_run_id=parent_run_id,
                        extra_tags=t) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
     corpus.to(dev)
-    sink = MetricSink(client)  # one logging thread for the whole group
-    recs = [RunRecorder(client, run_id, sink, None, ev) for (run_id, _), ev in zip(opened, on_evals)]
+    sink, writer = MetricSink(client), CheckpointWriter(client)  # one thread each for the whole group
+    recs = [RunRecorder(client, run_id, sink, writer, None, ev) for (run_id, _), ev in zip(opened, on_evals)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -342,20 +462,23 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
             results = train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
                                   compile=compile)
     except (KeyboardInterrupt, _Terminated):
-        sink.close()
+        _drain(sink, writer)
         for r in recs:
             r.close("KILLED")
         raise KeyboardInterrupt from None
     except BaseException:
-        sink.close()
+        _drain(sink, writer)
         for r in recs:
             r.close("FAILED")
         raise
-    sink.close()
+    interrupted = _drain(sink, writer)
     for r in recs:
         r.close()
-    return [finish_run(client, run_id, c, res) for (run_id, _), c, res in zip(opened, cfgs, results)]
+    outcomes = [finish_run(client, run_id, c, res) for (run_id, _), c, res in zip(opened, cfgs, results)]
+    if interrupted:  # the runs were complete: they are recorded, then the interruption goes on
+        raise KeyboardInterrupt
+    return outcomes
 
 
-__all__ = ["RunOutcome", "run_config", "run_group", "prepare", "open_run", "start_run", "finish_run",
+__all__ = ["RunOutcome", "CheckpointWriter", "MetricSink", "run_config", "run_group", "prepare", "open_run", "start_run", "finish_run",
            "load_checkpoint", "save_checkpoint", "Pruned"]

@@ -123,6 +123,16 @@ def assert_same_run(res_a, rec_a, res_b, rec_b, rel=REL, from_step=0):
     assert [s for s, _ in res_a.val_history] == [s for s, _ in res_b.val_history]
 
 
+def test_compiled_block_scope_equals_eager(setup, batched):
+    """``compile=True`` (one compiled block reused for every layer, the CUDA default) trains the same runs
+    as the eager pass: fp32 on CPU, so only the generated kernels' summation order differs."""
+    _, corpus, cfgs = setup
+    res_e, recs_e = batched
+    res_c, recs_c = run_group(cfgs, corpus, compile=True, scope="block")
+    for re_, rce, rc, rcc in zip(res_e, recs_e, res_c, recs_c):
+        assert_same_run(re_, rce, rc, rcc, rel=1e-3)
+
+
 @pytest.mark.parametrize("layout", ["slots", "groups"])
 def test_batched_equals_one_by_one(setup, single, batched, layout):
     """(a) 3 configs, different batch sizes / LRs / clips (one never clipped, one always): step by step equal."""
