@@ -15,7 +15,8 @@ parameters, causal mask not discounted), the ratios b/a and c/a, and the project
 each path (plus the actual one for the paths named in ``--full``). ``--check`` compares the losses of
 the paths (bf16 against fp32). Results go to ``--out`` (JSON), rewritten after every section.
 
-Imports only torch and scaling.{config,model,train,data,batched}: runs where mlflow/optuna are absent.
+Imports only torch and scaling.{config,model,train,data,batched}: runs where mlflow/optuna are absent
+(except ``--record``, which records into a temporary MLflow store as ``scaling sweep`` does).
 
   python benchmarks/bench_grid.py --smoke     # CPU, seconds (CI): a d_model=32 2-layer model, B 2 and 4
   python benchmarks/bench_grid.py --variants eager:slots,compile:slots --check --out bench.json   # GPU
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -202,17 +204,48 @@ class Bench:
         p = self.phase.with_overrides(steps=steps, **over)
         return [p.run_config(b, lr, clip, seed) for b, lr, clip, seed in self.points]
 
-    def run_c(self, variant: str) -> None:
+    def recorders(self, cfgs) -> tuple[list, object, float]:
+        """What `scaling sweep` attaches to a group: one MLflow run per config in a fresh SQLite store, one
+        metric-sink thread and one checkpoint-writer thread. Returns (hooks, close, seconds to create)."""
+        import tempfile
+
+        from scaling import runner, tracking
+        t = time.perf_counter()
+        d = tempfile.mkdtemp(prefix="bench-mlflow-")
+        client = tracking.connect(f"sqlite:///{d}/mlflow.db")
+        sink, writer = runner.MetricSink(client), runner.CheckpointWriter(client)
+        recs = [runner.RunRecorder(client, runner.start_run(client, c, self.corpus, self.device, "bench"), sink, writer)
+                for c in cfgs]
+
+        def close():
+            sink.close()
+            writer.close()
+            shutil.rmtree(d, ignore_errors=True)  # a throwaway store
+
+        return [r.hooks() for r in recs], close, time.perf_counter() - t
+
+    def run_c(self, variant: str, record: bool = False) -> None:
         kw = parse_variant(variant)
         n = self.args.group_steps
-        cfgs = self.grid_cfgs(n, eval_interval=max(1, n // 2), checkpoint_every=10 * n)
+        # with --record, both runs of a variant checkpoint 3 times (only the recorded one writes them)
+        every = max(1, n // 3) if self.args.record else 10 * n
+        cfgs = self.grid_cfgs(n, eval_interval=max(1, n // 2), checkpoint_every=every)
         tm: dict = {}
-        fresh_compile()
+        hooks, close, create_s = self.recorders(cfgs) if record else (None, None, 0.0)
+        if record:
+            variant = f"{variant}+record"
+        else:
+            fresh_compile()
         self.sync()
         t = time.perf_counter()
-        res = train_group(cfgs, self.corpus, self.device, timings=tm, **kw)
+        res = train_group(cfgs, self.corpus, self.device, hooks, timings=tm, **kw)
         self.sync()
         wall = time.perf_counter() - t
+        flush_s = 0.0
+        if record:
+            t1 = time.perf_counter()
+            close()
+            flush_s = time.perf_counter() - t1
         from scaling.batched import WARM_TICKS
         warm = sum(tm["warm"][:WARM_TICKS])
         steady_ticks = tm["ticks"] - WARM_TICKS
@@ -232,11 +265,15 @@ class Bench:
              "tflops": tokens_per_tick / tick_s * self.fpt / 1e12, "eval_s_each": eval_each,
              "projected_grid_s": projected, "statuses": [x.status for x in res],
              "note": "projected = setup + compile + steps x steady step + evals (uniform step counts assumed)"}
+        if record:
+            r.update(runs_created_s=create_s, final_flush_s=flush_s,
+                     note2="recorded as scaling sweep does; compile reuses the bare run's cache")
         self.out["c"][variant] = r
         print(f"[c train_group {variant}] {len(cfgs)} configs, {seqs} seqs/step: {r['ms_per_step']:.2f} ms/step "
               f"({r['steps_per_s']:.1f} group steps/s, {r['tokens_per_s'] / 1e6:.2f} M tok/s, "
               f"{r['tflops']:.1f} TFLOP/s); compile {compile_s:.1f} s, eval {eval_each * 1e3:.0f} ms; "
-              f"projected grid {projected:.1f} s", flush=True)
+              f"projected grid {projected:.1f} s"
+              + (f"; runs created in {create_s:.1f} s, final flush {flush_s:.1f} s" if record else ""), flush=True)
         self.save()
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -423,6 +460,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=200, help="timed steps per batch size for (a) and (b)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed warm-up steps for (a) and (b)")
     ap.add_argument("--group-steps", type=int, default=300, help="steps of the timed train_group run (c)")
+    ap.add_argument("--record", action="store_true",
+                    help="run each (c) variant a second time recording into a temp MLflow store as `scaling sweep` "
+                         "does (needs mlflow): the difference is the cost of recording")
     ap.add_argument("--check", action="store_true", help="compare losses: batched vs alone, bf16 vs fp32")
     ap.add_argument("--check-steps", type=int, default=300)
     ap.add_argument("--check-variant", default="eager", help="the train_group variant --check runs (batched paths)")
@@ -473,6 +513,8 @@ def main(argv=None) -> int:
         for v in args.variants:
             try:
                 bench.run_c(v)
+                if args.record:
+                    bench.run_c(v, record=True)
             except Exception as e:  # one failing variant must not cost the others' numbers
                 print(f"[c train_group {v}] FAILED: {type(e).__name__}: {e}", flush=True)
                 bench.out["c_failed"] = {**bench.out.get("c_failed", {}), v: f"{type(e).__name__}: {e}"}
