@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:  # `python entrypoints/x.py` puts entrypoints/, no
     sys.path.insert(0, str(ROOT))
 
 UNSET = ("", "none", "None", "null")
+ONLY_EMPTY_UNSET = ("",)  # for --clip/--clips, where "none" is a value: no clipping
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -55,8 +56,9 @@ def flag(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def optional(argv: list[str], option: str, value) -> None:
-    if value is not None and str(value) not in UNSET:
+def optional(argv: list[str], option: str, value, unset=UNSET) -> None:
+    """Append ``option value`` unless the value means "not given" (``unset``)."""
+    if value is not None and str(value) not in unset:
         argv += [option, str(value)]
 
 

@@ -1,6 +1,6 @@
 """MLproject entry point `sweep`: a phase's whole grid (`scaling sweep`), resumable, N workers."""
 
-from _common import flag, number, optional, parser, phase_args, run
+from _common import ONLY_EMPTY_UNSET, flag, number, optional, parser, phase_args, run
 
 if __name__ == "__main__":
     p = parser(__doc__)
@@ -12,9 +12,9 @@ if __name__ == "__main__":
     p.add_argument("--clips", default="")
     a = p.parse_args()
     argv = ["sweep", *phase_args(a), "--workers", str(number(a.workers, "workers"))]
-    for option, value in (("--storage", a.storage), ("--batch-sizes", a.batch_sizes), ("--lrs", a.lrs),
-                          ("--clips", a.clips)):
+    for option, value in (("--storage", a.storage), ("--batch-sizes", a.batch_sizes), ("--lrs", a.lrs)):
         optional(argv, option, value)
+    optional(argv, "--clips", a.clips, ONLY_EMPTY_UNSET)
     if flag(a.retry_failed):
         argv.append("--retry-failed")
     run(argv)

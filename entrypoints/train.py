@@ -1,6 +1,6 @@
 """MLproject entry point `main`: train one configuration (`scaling train`)."""
 
-from _common import number, optional, parser, phase_args, run
+from _common import ONLY_EMPTY_UNSET, number, optional, parser, phase_args, run
 
 if __name__ == "__main__":
     p = parser(__doc__)
@@ -12,7 +12,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     argv = ["train", *phase_args(a), "--batch-size", str(number(a.batch_size, "batch_size")),
             "--lr", str(number(a.lr, "lr", float))]
-    optional(argv, "--clip", a.clip)
+    optional(argv, "--clip", a.clip, ONLY_EMPTY_UNSET)
     seed = number(a.seed, "seed")
     if seed >= 0:
         argv += ["--seed", str(seed)]

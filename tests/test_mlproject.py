@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -94,3 +95,16 @@ def test_entry_point_bad_input_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if not x.startswith("scaling ")]
     assert len(lines) == 1 and lines[0].startswith("error: unknown phase 'nope'")
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("train.py", ["--batch-size", "8", "--lr", "1e-3", "--clip", "none"], "--clip none"),
+    ("sweep.py", ["--clips", "none,1"], "--clips none,1"),
+    ("sweep.py", ["--clips", "none"], "--clips none"),
+])
+def test_entry_points_pass_clip_none_on_as_no_clipping(tmp_path, script, args, expected):
+    """MLproject documents clip "none" as "no clipping": it must reach the CLI, not count as "not given"."""
+    r = subprocess.run([sys.executable, str(ROOT / "entrypoints" / script), "--phase", "nope", *args],
+                       capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, **ONE_THREAD), timeout=120)
+    (command,) = [x for x in r.stderr.splitlines() if x.startswith("scaling ")]
+    assert expected in command and r.returncode == 2  # the unknown phase stops it before anything runs
