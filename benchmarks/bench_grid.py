@@ -43,7 +43,7 @@ from scaling.batched import train_group  # noqa: E402
 from scaling.config import DataConfig, ModelConfig, load_phase  # noqa: E402
 from scaling.data import BatchSampler, load_corpus, random_corpus  # noqa: E402
 from scaling.model import build_model, decay_mask  # noqa: E402
-from scaling.train import Hooks, lr_at, resolve_device, train  # noqa: E402
+from scaling.train import Hooks, due, lr_at, resolve_device, train  # noqa: E402
 
 
 T0 = time.perf_counter()
@@ -229,7 +229,8 @@ class Bench:
         n = self.args.group_steps
         # with --record, both runs of a variant checkpoint 3 times (only the recorded one writes them)
         every = max(1, n // 3) if self.args.record else 10 * n
-        cfgs = self.grid_cfgs(n, eval_interval=max(1, n // 2), checkpoint_every=every)
+        eval_interval = max(1, n // 2)
+        cfgs = self.grid_cfgs(n, eval_interval=eval_interval, checkpoint_every=every)
         tm: dict = {}
         hooks, close, create_s = self.recorders(cfgs) if record else (None, None, 0.0)
         if record:
@@ -252,7 +253,7 @@ class Bench:
         steady_s = wall - warm - tm["eval_s"] - tm.get("setup_s", 0.0)
         tick_s = steady_s / max(steady_ticks, 1)
         compile_s = max(0.0, warm - WARM_TICKS * tick_s)
-        n_evals = 2
+        n_evals = sum(due(s, eval_interval, n) for s in range(1, n + 1))
         eval_each = tm["eval_s"] / n_evals
         seqs = sum(c.batch_size for c in cfgs)
         tokens_per_tick = seqs * self.phase.model.context_length

@@ -25,7 +25,6 @@ saturating and surge laws.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Iterable
 
 import numpy as np

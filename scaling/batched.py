@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from scaling.config import ModelConfig, RunConfig
 from scaling.data import SAMPLER_CHUNK, Corpus, batch_starts, validation_batches, windows
 from scaling.model import build_model, decay_mask
-from scaling.train import (CLIP_EPS, FINAL_WINDOW_FRACTION, LOG_METRICS, Hooks, Pruned, TrainResult, _Stats,
-                           _summary, lr_at, make_optimizer)
+from scaling.train import (LOG_METRICS, Hooks, Pruned, TrainResult, _Stats, _summary, clip_stats, due, final_window,
+                           lr_at, make_optimizer)
 
 TABLE_CHUNK = 256  # steps of batch indices / optimizer scalars prepared at a time
 REBUILD_DEAD_FRACTION = 0.25  # compiled mode: drop stopped models from the pass once they hold this share
@@ -201,7 +201,7 @@ def _update(P: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grads: list[torch
     K = P.shape[0]
     G = torch.cat([g.reshape(K, -1) for g in grads], 1)
     norm = torch.linalg.vector_norm(G, dim=1)  # each model's own global norm
-    scale = torch.clamp(clip / (norm + CLIP_EPS), max=1.0)
+    scale, row = clip_stats(model_loss.detach(), norm, clip)
     G = G * scale[:, None]
     wdf, nss, bc2s = sched[0], sched[1], sched[2]
     P.mul_(torch.where(decay[None, :], wdf[:, None], torch.ones_like(wdf)[:, None]))
@@ -209,11 +209,9 @@ def _update(P: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grads: list[torch
     v.mul_(beta2).addcmul_(G, G, value=1 - beta2)
     denom = (v.sqrt() / bc2s[:, None]).add_(eps)
     P.add_((nss[:, None] * m) / denom)
-    loss64 = model_loss.detach().double()
-    row = torch.stack([loss64, norm.double(), (norm * scale).double(), (norm > clip).double(), scale.double()], 1)
     interval.add_(row)
     total.add_(row)
-    final.scatter_(1, fpos[:, None], loss64[:, None])
+    final.scatter_(1, fpos[:, None], row[:, :1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,10 +249,6 @@ class _Member:
             out.append(self._chunks[c][lo:hi])
             s += hi - lo
         return torch.cat(out)
-
-
-def _due(done: int, every: int, steps: int) -> bool:
-    return done % every == 0 or done == steps
 
 
 def _check_group(cfgs: list[RunConfig]) -> None:
@@ -391,17 +385,21 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     N = sum(numels)
     mask = decay_mask(template)
     decay = torch.cat([torch.full((n,), mask[nm], dtype=torch.bool) for nm, n in zip(names, numels)]).to(device)
-    # torch AdamW's parameter indices (make_optimizer: decayed params first, then the others)
-    opt_order = [n for n in names if mask[n]] + [n for n in names if not mask[n]]
-    opt_groups = make_optimizer(template, cfgs[0], device).state_dict()["param_groups"]
-    del template
+    # torch AdamW's parameter indices j, in make_optimizer's own order: the slice of a row each one is
+    opt = make_optimizer(template, cfgs[0], device)
+    opt_groups = opt.state_dict()["param_groups"]
+    index_of = {id(p): i for i, (_, p) in enumerate(named)}
+    opt_slices = [(offsets[i], numels[i], shapes[i])
+                  for i in (index_of[id(p)] for g in opt.param_groups for p in g["params"])]
+    inits: dict[int, dict] = {cfgs[0].seed: template.state_dict()}  # initial weights per seed
+    del template, opt, named
 
     # rows sorted by batch size (stable): the "groups" layout needs equal-B models adjacent
     order = sorted(range(K), key=lambda i: cfgs[i].batch_size)
     members: list[_Member] = []
     for row, i in enumerate(order):
         c = cfgs[i]
-        window = max(1, int(round(c.steps * FINAL_WINDOW_FRACTION)))
+        window = final_window(c.steps)
         members.append(_Member(index=i, row=row, cfg=c, hooks=hooks[i], step=0, window=window,
                                window_start=c.steps - window))
     Wmax = max(mb.window for mb in members)
@@ -412,7 +410,6 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     interval = torch.zeros(K, 5, device=device, dtype=torch.float64)
     total = torch.zeros(K, 5, device=device, dtype=torch.float64)
     final = torch.zeros(K, Wmax + 1, device=device, dtype=torch.float64)  # column Wmax: "not in the window"
-    inits: dict[int, dict] = {}
     for mb in members:
         st = resume_states[mb.index]
         if st is None:
@@ -434,9 +431,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
             mb.val_history = list(st["val_history"])
         for nm, a, n in zip(names, offsets, numels):
             P[mb.row, a:a + n] = sd[nm].detach().reshape(-1).to(device, torch.float32)
-        for j, nm in enumerate(opt_order):
+        for j, (a, n, _) in enumerate(opt_slices):
             if j in ost:
-                a, n = offsets[names.index(nm)], numels[names.index(nm)]
                 m[mb.row, a:a + n] = ost[j]["exp_avg"].reshape(-1).to(device)
                 v[mb.row, a:a + n] = ost[j]["exp_avg_sq"].reshape(-1).to(device)
         mb.tokens_last = mb.step
@@ -539,19 +535,18 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         return (tot / len(val_set)).tolist()
 
     def state_of(mb: _Member) -> dict[str, Any]:
+        """Model k's checkpoint state in train.py's format. Its tensors are live views of the group's
+        buffers (as train.py's state_dict() tensors are live): a hook copies what it keeps, with no
+        wait for the GPU here."""
         r, done = mb.row, mb.step
-        model = {nm: P[r, a:a + n].view(s).clone() for nm, a, n, s in zip(names, offsets, numels, shapes)}
-        ost = {}
-        for j, nm in enumerate(opt_order):
-            i = names.index(nm)
-            a, n, s = offsets[i], numels[i], shapes[i]
-            ost[j] = {"step": torch.tensor(float(done)), "exp_avg": m[r, a:a + n].view(s).clone(),
-                      "exp_avg_sq": v[r, a:a + n].view(s).clone()}
+        model = {nm: P[r, a:a + n].view(s) for nm, a, n, s in zip(names, offsets, numels, shapes)}
+        ost = {j: {"step": torch.tensor(float(done)), "exp_avg": m[r, a:a + n].view(s),
+                   "exp_avg_sq": v[r, a:a + n].view(s)} for j, (a, n, s) in enumerate(opt_slices)}
         groups = copy.deepcopy(opt_groups)
         for g in groups:
             g["lr"] = lr_at(mb.cfg, done - 1)
-        stats = {"interval": interval[r].cpu(), "total": total[r].cpu(), "n_interval": mb.n_interval,
-                 "final_losses": final[r, :mb.window].cpu()}
+        stats = {"interval": interval[r], "total": total[r], "n_interval": mb.n_interval,
+                 "final_losses": final[r, :mb.window]}
         return {"model": model, "optimizer": {"state": ost, "param_groups": groups}, "step": done,
                 "stats": stats, "val_history": list(mb.val_history), "config_hash": mb.cfg.config_hash(),
                 "rng_cpu": torch.random.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if cuda else None}
@@ -604,7 +599,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
 
         # logging: one fetch for every model that logs now
         live = [mb for mb in ps.members if mb.running]
-        logging = [mb for mb in live if _due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
+        logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
         if logging:
             idx = torch.tensor([mb.row for mb in logging], device=device)
             sums = interval.index_select(0, idx).cpu()
@@ -626,7 +621,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 except Pruned:
                     stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
         # evaluation: one batched pass for every model that evaluates now
-        evaluating = [mb for mb in live if mb.running and _due(mb.step, mb.cfg.phase.train.eval_interval,
+        evaluating = [mb for mb in live if mb.running and due(mb.step, mb.cfg.phase.train.eval_interval,
                                                                 mb.cfg.steps)]
         if evaluating:
             te = time.perf_counter()
@@ -642,7 +637,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 if not math.isfinite(val):
                     stopped.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
         for mb in live:
-            if mb.running and _due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps):
+            if mb.running and due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps):
                 try:
                     mb.hooks.on_checkpoint(mb.step, state_of(mb))
                 except Pruned:

@@ -169,7 +169,7 @@ def load_wikitext2(data_dir: str | Path | None, splits: tuple[str, str]) -> Corp
         missing = [s for s in splits if s not in files]
         if missing:
             have = ", ".join(sorted(files)) or "none"
-            hint = (f"; choose a mapping of the splits present, e.g. --splits valid:test" if len(files) >= 2 else "")
+            hint = ("; choose a mapping of the splits present, e.g. --splits valid:test" if len(files) >= 2 else "")
             raise DataError(f"WikiText-2 split {missing[0]!r} not found in {str(data_dir)!r} (found: {have}){hint}")
         (train, d1), (val, d2) = _load_split_cached(files[train_split]), _load_split_cached(files[val_split])
         source = f"{files[train_split].parent}: train on {files[train_split].name}, validate on {files[val_split].name}"

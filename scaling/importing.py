@@ -18,7 +18,6 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from scaling import tracking
 from scaling.config import ConfigError, Phase, load_phase
@@ -270,13 +269,8 @@ def import_table(path: str | Path, phase: str | None = None, tracking_uri: str |
 
 
 def _create_run(client, exp_id: str, path, r: _Row, cfg, baselines, summary: ImportSummary) -> str:
-    loss = r.metrics.get("final_val_loss")
-    if r.diverged:
-        learned = "false"
-    elif baselines and "baseline_unigram_loss" in baselines:
-        learned = "true" if loss < baselines["baseline_unigram_loss"] else "false"
-    else:
-        learned = "unknown"
+    learned = tracking.learned_tag(r.metrics.get("final_val_loss"), (baselines or {}).get("baseline_unigram_loss"),
+                                   r.diverged)
     summary.learned[learned] += 1
     converged = (not r.diverged) if r.converged is None else r.converged
     tags = {

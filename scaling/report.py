@@ -106,8 +106,9 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
         raise ConfigError(f"--out must be a directory, got the file {str(out)!r}")
     client = tracking.connect(tracking_uri)
     runs = load_runs(client, names)
+    fixed = {"confidence": 0.95, "window": 1, "overfit_threshold": 0.05, "law_points": "uncensored"}
     result = analysis.analyze(runs, metric=metric, estimator=estimator, exclude_unlearned=exclude_unlearned,
-                              pool_budgets=pool_budgets, bootstrap=bootstrap, seed=seed, phases=names)
+                              pool_budgets=pool_budgets, bootstrap=bootstrap, seed=seed, phases=names, **fixed)
     report = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -116,8 +117,9 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
         "tracking_uri": client.tracking_uri,
         "settings": {"phases": names, "metric": metric, "estimator": estimator,
                      "exclude_unlearned": exclude_unlearned, "pool_budgets": pool_budgets,
-                     "bootstrap": bootstrap, "seed": seed, "confidence": 0.95, "quadratic_window": 1,
-                     "overfit_threshold": 0.05, "law_points": "uncensored"},
+                     "bootstrap": bootstrap, "seed": seed, "confidence": fixed["confidence"],
+                     "quadratic_window": fixed["window"], "overfit_threshold": fixed["overfit_threshold"],
+                     "law_points": fixed["law_points"]},
         **result,
     }
     report["comparison_run_id"] = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import signal
 import sys
@@ -19,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,61 +122,52 @@ class MetricSink(_Worker):
                             time.sleep(0.2 * 2 ** attempt)
 
 
-def _snapshot(obj):
-    """A copy of a checkpoint state whose tensors no longer change with training (cloned where they live:
-    on a GPU the clone is queued on the stream, so taking it does not wait for the GPU)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+def _map(obj, fn, leaf=torch.Tensor):
+    """``obj`` (nested dicts / lists / tuples) with every ``leaf`` replaced by ``fn(leaf)``."""
+    if isinstance(obj, leaf):
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
+        return {k: _map(v, fn, leaf) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_snapshot(v) for v in obj)
+        return type(obj)(_map(v, fn, leaf) for v in obj)
     return obj
 
 
-def _tensors(obj, out: list) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _tensors(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _tensors(v, out)
+@dataclass(frozen=True)
+class _Slot:
+    key: tuple  # (device, dtype) of the flat buffer
+    index: int
+    shape: tuple
 
 
-def _replace(obj, new: dict):
-    if isinstance(obj, torch.Tensor):
-        return new[id(obj)]
-    if isinstance(obj, dict):
-        return {k: _replace(v, new) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_replace(v, new) for v in obj)
-    return obj
+def _pack(state) -> tuple[Any, dict, dict]:
+    """A snapshot of a checkpoint state: its tensors copied into ONE flat buffer per (device, dtype) (on a
+    GPU the copy is queued on the stream: taking it does not wait), the state kept as a skeleton of slots."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+
+    def slot(t: torch.Tensor) -> _Slot:
+        ts = groups.setdefault((t.device, t.dtype), [])
+        ts.append(t)
+        return _Slot((t.device, t.dtype), len(ts) - 1, tuple(t.shape))
+
+    skeleton = _map(state, slot)
+    flats = {k: torch.cat([t.detach().reshape(-1) for t in ts]) for k, ts in groups.items()}
+    return skeleton, flats, {k: [t.numel() for t in ts] for k, ts in groups.items()}
 
 
-def _to_cpu(state):
-    """The state with every tensor on the host, in ONE device-to-host copy per (device, dtype): a GPU
-    checkpoint holds ~80 small tensors, and each synchronous copy waits for the GPU's queue."""
-    tensors: list[torch.Tensor] = []
-    _tensors(state, tensors)
-    groups: dict = {}
-    for t in tensors:
-        if t.device.type != "cpu":
-            groups.setdefault((t.device, t.dtype), []).append(t)
-    new = {id(t): t for t in tensors if t.device.type == "cpu"}
-    for ts in groups.values():
-        flat = torch.cat([t.reshape(-1) for t in ts]).cpu()
-        for t, piece in zip(ts, flat.split([t.numel() for t in ts])):
-            new[id(t)] = piece.view(t.shape).clone()  # its own storage: torch.save writes only what it holds
-    return _replace(state, new)
+def _unpack(skeleton, flats: dict, sizes: dict):
+    """The state again, every tensor on the host: one device-to-host copy per buffer (a GPU checkpoint
+    holds ~80 small tensors, and each synchronous copy would wait for the GPU's queue)."""
+    pieces = {k: f.cpu().split(sizes[k]) for k, f in flats.items()}
+    # clone: its own storage, so torch.save writes only what the tensor holds
+    return _map(skeleton, lambda s: pieces[s.key][s.index].view(s.shape).clone(), leaf=_Slot)
 
 
 class CheckpointWriter(_Worker):
     """Writes checkpoint states as MLflow artifacts from ONE background thread (off the training loop).
 
-    ``put`` snapshots the state (device-side clones) and returns at once; the thread copies it to the
-    host, ``torch.save``s it and logs it as ``checkpoints/last.pt``, in the order given (a run's later
+    ``put`` snapshots the state (one device-side copy per dtype, :func:`_pack`) and returns at once; the
+    thread copies it to the host, ``torch.save``s it and logs it as ``checkpoints/last.pt``, in the order given (a run's later
     checkpoint always lands after its earlier one). At most ``max_pending`` states wait; ``put`` blocks
     beyond that. ``close`` writes everything still queued — call it before a run is ended (FINISHED,
     KILLED or FAILED), so an interrupted run keeps its newest checkpoint.
@@ -191,7 +182,7 @@ class CheckpointWriter(_Worker):
     def put(self, run_id: str, state: dict) -> None:
         if self.error is not None:  # a lost checkpoint fails the run, as a synchronous write would
             raise RuntimeError(f"checkpoint writing failed: {self.error}") from self.error
-        self.q.put((run_id, _snapshot(state)))
+        self.q.put((run_id, _pack(state)))
 
     def _work(self) -> None:
         while True:
@@ -200,7 +191,7 @@ class CheckpointWriter(_Worker):
                 return
             if self.error is None:
                 try:
-                    save_checkpoint(self.client, item[0], _to_cpu(item[1]))
+                    save_checkpoint(self.client, item[0], _unpack(*item[1]))
                 except Exception as e:
                     self.error = e
 
@@ -306,11 +297,7 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunO
     converged = result.status == "FINISHED" and math.isfinite(s.get("final_val_loss", float("nan")))
     tracking.log_metrics(client, run_id, [(k, v, result.steps_done) for k, v in s.items()
                                           if v is not None and math.isfinite(v)])
-    learned = "unknown"
-    if "final_val_loss" in s and "baseline_unigram_loss" in s:
-        learned = "true" if s["final_val_loss"] < s["baseline_unigram_loss"] else "false"
-    if diverged:
-        learned = "false"
+    learned = tracking.learned_tag(s.get("final_val_loss"), s.get("baseline_unigram_loss"), diverged)
     tracking.set_tags(client, run_id, {tracking.TAG_DIVERGED: str(diverged).lower(),
                                        tracking.TAG_CONVERGED: str(converged).lower(),
                                        tracking.TAG_LEARNED: learned,

@@ -41,13 +41,12 @@ from typing import Callable, Sequence
 
 from scaling import tracking
 from scaling.config import ConfigError, Phase, RunConfig
-from scaling.sweep import (ClaimStore, check_storage_url, classify, default_storage, ensure_parent,
-                           link_launcher_run, safe_url, shared_params)
+from scaling.sweep import (TAG_SEARCH_ID, ClaimStore, check_storage_url, classify, default_storage, ensure_parent,
+                           link_launcher_run, runs_of_config, safe_url, shared_params)
 
 SAMPLERS = ("tpe", "random", "cmaes")
 PRUNERS = ("none", "median", "hyperband")
 DEFAULT_OPTUNA_DB = "optuna.db"
-TAG_SEARCH_ID = "scaling.search_id"
 
 
 @dataclass
@@ -456,7 +455,7 @@ def _evaluate(study, trials: list, phase: Phase, b: int, *, device, data_dir, sp
             study.tell(trial, v if not math.isnan(v) else float("inf"))
             n_evaluated += 1
             continue
-        known = tracking.search_runs(client, [exp_id], f"tags.{tracking.TAG_CONFIG_HASH} = '{cfg.config_hash()}'")
+        known = runs_of_config(client, exp_id, cfg.config_hash())
         done = classify(cfg, known)
         if done.state in ("FINISHED", "DIVERGED") and not trial.user_attrs.get("resume_run_id"):
             for m in client.get_metric_history(done.run_id, "val_loss"):

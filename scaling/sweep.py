@@ -37,6 +37,7 @@ from scaling import tracking
 from scaling.config import ConfigError, Phase, RunConfig
 
 TAG_SWEEP_ID = "scaling.sweep_id"
+TAG_SEARCH_ID = "scaling.search_id"  # a search's parent run (scaling.search) and its trials
 TAG_ROLE = "scaling.role"  # "sweep" / "search" on parent runs (children carry `source`)
 TAG_LAUNCHER_OF = "scaling.launcher_of"  # set on an `mlflow run` run: the parent run it drove
 DEFAULT_SWEEPS_DB = "sweeps.db"
@@ -327,10 +328,11 @@ def classify(cfg: RunConfig, runs: list, retry_failed: bool = False, session_sta
 
 
 def grid_status(client, exp_id: str, cfgs: Sequence[RunConfig], retry_failed: bool = False,
-                session_start_ms: int = 0) -> tuple[dict[str, ConfigResult], dict[str, list]]:
-    runs = _runs_by_hash(client, exp_id, {c.config_hash() for c in cfgs})
-    return ({c.config_hash(): classify(c, runs[c.config_hash()], retry_failed, session_start_ms) for c in cfgs},
-            runs)
+                session_start_ms: int = 0) -> dict[str, ConfigResult]:
+    """Each config's state (by config hash), from one scan of the phase's experiment."""
+    hashes = [(c, c.config_hash()) for c in cfgs]
+    runs = _runs_by_hash(client, exp_id, {h for _, h in hashes})
+    return {h: classify(c, runs[h], retry_failed, session_start_ms) for c, h in hashes}
 
 
 def best_lr_by_batch_size(results) -> dict[int, tuple[float, float]]:
@@ -382,7 +384,7 @@ def ensure_parent(client, store: ClaimStore, key: str, kind: str, phase: Phase, 
 
 
 def tag_key(kind: str) -> str:
-    return TAG_SWEEP_ID if kind == "sweep" else "scaling.search_id"
+    return TAG_SWEEP_ID if kind == "sweep" else TAG_SEARCH_ID
 
 
 def link_launcher_run(client, kind: str, key: str, parent_run_id: str) -> str | None:
@@ -606,7 +608,7 @@ def work_loop(ctx: SweepContext, engine: Engine | None = None, group_size: int =
     held: list[WorkItem] = []
     try:
         while True:
-            status, _ = grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms)
+            status = grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms)
             if on_status is not None:
                 on_status(status)
             todo = [c for c in ctx.cfgs if status[c.config_hash()].state == "PENDING"
@@ -751,7 +753,7 @@ def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tupl
                        session_start_ms=session_start_ms, progress=progress and workers == 1,
                        group_size=group_size, compile=compile,
                        heartbeat_interval=heartbeat_interval, stale_after=stale_after)
-    status, _ = grid_status(client, exp_id, cfgs, retry_failed, session_start_ms)
+    status = grid_status(client, exp_id, cfgs, retry_failed, session_start_ms)
     if progress:
         print(f"sweep {sweep_id}: {len(cfgs)} configs of phase {phase.name}, parent run {parent} "
               f"(storage {safe_url(storage)})", file=sys.stderr)
@@ -780,7 +782,7 @@ def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tupl
         raise KeyboardInterrupt from None
     finally:
         store.dispose()
-    status, _ = grid_status(client, exp_id, cfgs, retry_failed, session_start_ms)
+    status = grid_status(client, exp_id, cfgs, retry_failed, session_start_ms)
     if bar is not None:
         bar.update(status)
         bar.close()
@@ -824,7 +826,7 @@ def _run_workers(ctx: SweepContext, n: int, client, bar) -> None:
                 for p in procs:
                     p.join(timeout=ctx.poll_interval / len(procs))
                 if bar is not None:
-                    bar.update(grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms)[0])
+                    bar.update(grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms))
     except BaseException:
         for p in procs:
             if p.is_alive():

@@ -9,6 +9,7 @@ safe) and metrics are sent with ``log_batch`` in chunks of at most 1,000 values.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -137,7 +138,19 @@ def set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
     with_retry(client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def learned_tag(final_val_loss: float | None, baseline_unigram_loss: float | None, diverged: bool) -> str:
+    """The ``learned`` tag: "true" when the final validation loss beats the unigram baseline (counting
+    characters), "false" when it does not or the run diverged, "unknown" without both numbers."""
+    if diverged:
+        return "false"
+    if final_val_loss is None or baseline_unigram_loss is None:
+        return "unknown"
+    return "true" if final_val_loss < baseline_unigram_loss else "false"
+
+
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """The commit of the code this process runs (asked once: every run of a sweep records it)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

@@ -30,6 +30,30 @@ CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
 LOG_METRICS = ("train_loss", "grad_norm_before_clip", "grad_norm_after_clip", "clip_frequency", "effective_lr_scale")
 
 
+def final_window(steps: int) -> int:
+    """How many final steps ``final_train_loss`` / ``train_loss_std`` are taken over (at least one)."""
+    return max(1, int(round(steps * FINAL_WINDOW_FRACTION)))
+
+
+def due(done: int, every: int, steps: int) -> bool:
+    """Whether a run that has done ``done`` of ``steps`` steps logs / evaluates / checkpoints now."""
+    return done % every == 0 or done == steps
+
+
+def clip_stats(loss: torch.Tensor, norm: torch.Tensor, clip) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clip scale and the statistics row(s) of a step, the one definition of the clip metrics.
+
+    ``norm`` is the global gradient norm before clipping (a scalar, or one per model with ``clip`` one
+    per model too); scale = min(1, clip / (norm + eps)), the factor the gradient was multiplied by.
+    The row (last dimension, in ``_Stats.KEYS`` order, float64): loss, norm before, norm after
+    (= norm · scale), clipped (norm > clip), scale.
+    """
+    scale = torch.clamp(clip / (norm + CLIP_EPS), max=1.0)
+    row = torch.stack([loss.double(), norm.double(), (norm * scale).double(), (norm > clip).double(),
+                       scale.double()], -1)
+    return scale, row
+
+
 class Pruned(Exception):
     """Raised by an ``on_eval`` hook to stop a run early (an Optuna pruner said so)."""
 
@@ -128,7 +152,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
     val_set = validation_batches(corpus.val, t.eval_batches, cfg.phase.model.context_length)
     params = list(model.parameters())
     clip = float("inf") if cfg.clip is None else cfg.clip
-    window = max(1, int(round(cfg.steps * FINAL_WINDOW_FRACTION)))
+    window = final_window(cfg.steps)
     window_start = cfg.steps - window
     stats = _Stats(device, window)
     val_history: list[tuple[int, float]] = []
@@ -170,9 +194,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
             opt.zero_grad(set_to_none=True)
             loss.backward()
             before = torch.nn.utils.clip_grad_norm_(params, clip)
-            scale = torch.clamp(clip / (before + CLIP_EPS), max=1.0)
-            row = torch.stack([loss.detach().double(), before.double(), (before * scale).double(),
-                               (before > clip).double(), scale.double()])
+            _, row = clip_stats(loss.detach(), before, clip)
             stats.interval += row
             stats.total += row
             stats.n_interval += 1
@@ -181,7 +203,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
             opt.step()
             hooks.on_step(step + 1)
             done = step + 1
-            if done % t.log_interval == 0 or done == cfg.steps:
+            if due(done, t.log_interval, cfg.steps):
                 means = (stats.interval / stats.n_interval).tolist()  # the one sync per interval
                 if not all(math.isfinite(m) for m in means[:2]):
                     status = "DIVERGED"
@@ -194,11 +216,11 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
                 stats.interval.zero_()
                 stats.n_interval = 0
                 hooks.on_log(done, metrics)
-            if done % t.eval_interval == 0 or done == cfg.steps:
+            if due(done, t.eval_interval, cfg.steps):
                 if not math.isfinite(do_eval(done)):
                     status = "DIVERGED"
                     break
-            if done % t.checkpoint_every == 0 or done == cfg.steps:
+            if due(done, t.checkpoint_every, cfg.steps):
                 hooks.on_checkpoint(done, checkpoint_state(done))
     except Pruned:
         status = "PRUNED"
