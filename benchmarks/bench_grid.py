@@ -54,20 +54,24 @@ def flops_per_token(mc, n_params: int) -> float:
 
 
 def parse_variant(variant: str) -> dict:
-    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE]]] → train_group keyword arguments.
+    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH]]]] → train_group keyword arguments.
 
     COMPILE: eager, compile (default mode), cdt (default mode + coordinate-descent tuning of the
-    generated kernels) or a torch.compile mode name; LAYOUT: slots, groups; ATTENTION: the CUDA SDPA
-    backend (default = torch's choice, flash, efficient, cudnn, math); SCOPE:
-    graph (compile the whole pass, train_group's default) or block (one block, reused per layer).
+    generated kernels) or a torch.compile mode name; LAYOUT: slots, groups; ATTENTION: auto
+    (train_group's default: flex when compiling on CUDA), flex (FlexAttention) or a CUDA SDPA backend
+    (default = torch's choice, flash, efficient, cudnn, math); SCOPE:
+    graph (compile the whole pass, train_group's default) or block (one block, reused per layer);
+    CUDAGRAPH: cg (the step replayed as a CUDA graph), nocg (launched every step) or auto (train_group's
+    default: cg when compiling on CUDA).
     """
     parts = variant.split(":")
     comp = parts[0]
     layout = (parts[1:2] or ["slots"])[0]
-    attention = (parts[2:3] or ["default"])[0]
+    attention = (parts[2:3] or ["auto"])[0]
     scope = (parts[3:4] or ["graph"])[0]
+    graph = {"cg": "on", "nocg": "off", "auto": "auto"}[(parts[4:5] or ["auto"])[0]]
     compile_arg = {"eager": False, "compile": True, "cdt": {"coordinate_descent_tuning": True}}.get(comp, comp)
-    return {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope}
+    return {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope, "cuda_graph": graph}
 
 
 def fresh_compile() -> None:
@@ -224,7 +228,9 @@ class Bench:
 
         return [r.hooks() for r in recs], close, time.perf_counter() - t
 
-    def run_c(self, variant: str, record: bool = False) -> None:
+    def run_c(self, variant: str, record: bool = False, switch_s: float | None = None) -> None:
+        """Train the grid with one train_group variant, bare or (``record``) recording into MLflow as the
+        sweep does, with Python's thread switch interval set to ``switch_s`` while it trains."""
         kw = parse_variant(variant)
         n = self.args.group_steps
         # with --record, both runs of a variant checkpoint 3 times (only the recorded one writes them)
@@ -234,13 +240,18 @@ class Bench:
         tm: dict = {}
         hooks, close, create_s = self.recorders(cfgs) if record else (None, None, 0.0)
         if record:
-            variant = f"{variant}+record"
+            variant = f"{variant}+record@{switch_s * 1e3:g}ms"
         else:
             fresh_compile()
         self.sync()
+        old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(switch_s or old_switch)
         t = time.perf_counter()
-        res = train_group(cfgs, self.corpus, self.device, hooks, timings=tm, **kw)
-        self.sync()
+        try:
+            res = train_group(cfgs, self.corpus, self.device, hooks, timings=tm, **kw)
+            self.sync()
+        finally:
+            sys.setswitchinterval(old_switch)
         wall = time.perf_counter() - t
         flush_s = 0.0
         if record:
@@ -453,17 +464,21 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--paths", default="a,b,c", help="which of a,b,c to measure")
     ap.add_argument("--variants", default="eager:slots",
-                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE]]] (see "
-                         "parse_variant): COMPILE in eager, compile, cdt or a torch.compile mode; LAYOUT in slots, "
-                         "groups; ATTENTION in default, flash, efficient, cudnn, math; SCOPE in graph, block")
+                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH]]]] "
+                         "(see parse_variant): COMPILE in eager, compile, cdt or a torch.compile mode; LAYOUT in "
+                         "slots, groups; ATTENTION in auto, flex, default, flash, efficient, cudnn, math; SCOPE in graph, "
+                         "block; CUDAGRAPH in cg, nocg, auto")
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="override the grid's batch sizes")
     ap.add_argument("--lrs", type=float, nargs="+", help="override the grid's learning rates")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per batch size for (a) and (b)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed warm-up steps for (a) and (b)")
     ap.add_argument("--group-steps", type=int, default=300, help="steps of the timed train_group run (c)")
     ap.add_argument("--record", action="store_true",
-                    help="run each (c) variant a second time recording into a temp MLflow store as `scaling sweep` "
+                    help="run each (c) variant again recording into a temp MLflow store as `scaling sweep` "
                          "does (needs mlflow): the difference is the cost of recording")
+    ap.add_argument("--record-switch-s", default="",
+                    help="with --record: Python thread switch intervals (s, comma-separated) to record under, one "
+                         "recorded run each (default: the one `scaling sweep` sets, scaling.runner.GIL_SWITCH_S)")
     ap.add_argument("--check", action="store_true", help="compare losses: batched vs alone, bf16 vs fp32")
     ap.add_argument("--check-steps", type=int, default=300)
     ap.add_argument("--check-variant", default="eager", help="the train_group variant --check runs (batched paths)")
@@ -515,7 +530,9 @@ def main(argv=None) -> int:
             try:
                 bench.run_c(v)
                 if args.record:
-                    bench.run_c(v, record=True)
+                    from scaling.runner import GIL_SWITCH_S
+                    for sw in (args.record_switch_s.split(",") if args.record_switch_s else [GIL_SWITCH_S]):
+                        bench.run_c(v, record=True, switch_s=float(sw))
             except Exception as e:  # one failing variant must not cost the others' numbers
                 print(f"[c train_group {v}] FAILED: {type(e).__name__}: {e}", flush=True)
                 bench.out["c_failed"] = {**bench.out.get("c_failed", {}), v: f"{type(e).__name__}: {e}"}

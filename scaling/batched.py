@@ -29,8 +29,11 @@ How (the layout)
     A non-finite model only poisons its own row.
 
 Per step there is no host sync: batch indices and the per-model optimizer scalars are precomputed for
-256 steps and copied to the device, running statistics (the same ``_Stats`` sums as train.py, one row per
-model) are accumulated on the device and fetched once per logging interval, evaluation or checkpoint.
+256 steps into tables on the device that the step reads by a device-side counter (so that, compiled on
+CUDA, the whole step is one CUDA graph replayed every tick), running statistics (the same ``_Stats`` sums
+as train.py, one row per model) are accumulated on the device and copied to the host once per logging
+interval without waiting (handed to the hooks when they have arrived, and always before an evaluation,
+a checkpoint or the end of a run).
 
 Models that stop (finished, diverged, pruned) are frozen at once (lr 0, nothing more recorded) and are
 dropped from the pass — their compute stops — immediately in eager mode; under ``torch.compile`` (a new
@@ -62,7 +65,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 RECOMPILE_LIMIT = 64  # dynamo versions kept per compiled function (default 8), see train_group
 WARM_TICKS = 3  # ticks timed (with a sync) after each (re)build of the pass, for compile-time accounting
 SCOPES = ("block", "graph")
-ATTENTION = ("default", "flash", "efficient", "cudnn", "math")
+ATTENTION = ("auto", "default", "flash", "efficient", "cudnn", "math", "flex")
+CUDA_GRAPH = ("auto", "on", "off")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,16 +77,31 @@ def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return F.layer_norm(x, x.shape[-1:]) * w[:, None, :] + b[:, None, :]
 
 
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def flex_causal(T: int, device: torch.device):
+    """Causal attention through FlexAttention (``attention="flex"``): under ``torch.compile`` a Triton
+    kernel generated for this shape (forward and backward), instead of one of the SDPA backends."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flex_attention(q, k, v, block_mask=mask)
+    return attend
+
+
 def _block(h: torch.Tensor, ln1w: torch.Tensor, ln1b: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor,
            ln2w: torch.Tensor, ln2b: torch.Tensor, fc: torch.Tensor, fc_proj: torch.Tensor, S: int,
-           n_heads: int) -> torch.Tensor:
+           n_heads: int, attend=_sdpa_causal) -> torch.Tensor:
     """One pre-LN transformer block on M slots at once: h is (M, S*T, C), weights are (M, *shape)."""
     M, ST, C = h.shape
     T, H = ST // S, n_heads
     a = _layer_norm(h, ln1w, ln1b)
     q, k, v = torch.bmm(a, qkv.transpose(1, 2)).split(C, dim=2)
     q, k, v = (z.reshape(M * S, T, H, C // H).transpose(1, 2) for z in (q, k, v))
-    att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(M, ST, C)
+    att = attend(q, k, v).transpose(1, 2).reshape(M, ST, C)
     h = h + torch.bmm(att, proj.transpose(1, 2))
     a = _layer_norm(h, ln2w, ln2b)
     a = F.gelu(torch.bmm(a, fc.transpose(1, 2)))
@@ -123,7 +142,7 @@ EAGER = Regions()
 
 
 def stacked_slot_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                        mc: ModelConfig, regions: Regions = EAGER) -> torch.Tensor:
+                        mc: ModelConfig, regions: Regions = EAGER, attend=_sdpa_causal) -> torch.Tensor:
     """Mean cross-entropy of each slot: ``W[name]`` is (M, *shape), x and y are (M, S, T) → (M,).
 
     Slot j runs the NanoTransformer with weights ``W[name][j]`` on its S sequences: the same
@@ -131,17 +150,17 @@ def stacked_slot_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Te
     logits in fp32 for the cross-entropy), as batched matmuls over the slot dimension.
     ``regions`` are the three functions the pass is made of (embeddings, a block, the head):
     ``torch.compile`` can compile each once (``scope="block"``: the same compiled block serves every
-    layer) instead of the whole unrolled pass.
+    layer) instead of the whole unrolled pass. ``attend(q, k, v)`` is the causal attention.
     """
     S, H = x.shape[1], mc.n_heads
     h = regions.embed(x, W["wte.weight"], W["wpe.weight"])
     for i in range(mc.n_layers):
-        h = regions.block(h, *[W[f"blocks.{i}.{n}"] for n in BLOCK_PARAMS], S, H)
+        h = regions.block(h, *[W[f"blocks.{i}.{n}"] for n in BLOCK_PARAMS], S, H, attend)
     return regions.head(h, W["ln_f.weight"], W["ln_f.bias"], W["wte.weight"], y)
 
 
 def _make_slots_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[tuple[int, int, int], ...],
-                     S: int, regions: Regions = EAGER):
+                     S: int, regions: Regions = EAGER, attend=_sdpa_causal):
     """Loss of the "slots" layout: every live model's batch as B/S slots of S sequences, one batched pass.
 
     ``segments`` are runs of consecutive rows [a, b) of equal batch size B: the slots' weights are
@@ -157,7 +176,7 @@ def _make_slots_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[
 
     def loss(params: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         W = {n: gather(p) for n, p in zip(names, params)}
-        slot_loss = stacked_slot_losses(W, x, y, mc, regions)
+        slot_loss = stacked_slot_losses(W, x, y, mc, regions, attend)
         per_model, off = [], 0
         for a, b, B in segments:
             n = B // S
@@ -172,7 +191,7 @@ def _make_slots_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[
 
 
 def _make_groups_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[tuple[int, int, int], ...],
-                      regions: Regions = EAGER):
+                      regions: Regions = EAGER, attend=_sdpa_causal):
     def loss(params: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         T = x.shape[-1]
         out, off = [], 0
@@ -180,7 +199,7 @@ def _make_groups_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple
             n = (b - a) * B
             W = {nm: p[a:b] for nm, p in zip(names, params)}
             out.append(stacked_slot_losses(W, x[off:off + n].view(b - a, B, T), y[off:off + n].view(b - a, B, T), mc,
-                                           regions))
+                                           regions, attend))
             off += n
         losses = torch.cat(out)
         model_loss = torch.zeros(K, device=losses.device, dtype=losses.dtype).index_copy(0, rows, losses.detach())
@@ -311,7 +330,7 @@ def compiled_update():
 def attention_backend(name: str, device: torch.device):
     """A context restricting ``F.scaled_dot_product_attention`` to one backend on CUDA ("default": no
     restriction). It must surround the first call of a compiled pass: the backend is chosen at trace time."""
-    if name == "default" or device.type != "cuda":
+    if name in ("default", "flex") or device.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     b = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -319,10 +338,18 @@ def attention_backend(name: str, device: torch.device):
     return sdpa_kernel([b])
 
 
+def eval_attention(device: torch.device):
+    """The SDPA backends of the (eager) evaluation pass on CUDA: any but cuDNN."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 hooks: Sequence[Hooks] | None = None, resume_states: Sequence[dict | None] | None = None,
                 compile: bool | str | dict = False, *, layout: str = "slots", precision: str = "auto",
-                scope: str = "graph", attention: str = "default",
+                scope: str = "graph", attention: str = "auto", cuda_graph: str = "auto",
                 timings: dict | None = None) -> list[TrainResult]:
     """Train every config of ``cfgs`` together on ``corpus`` (already on ``device``); one result per config.
 
@@ -340,8 +367,16 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     mode. scope: "graph" compiles each pass whole; "block" compiles the embeddings, one transformer block
     (reused for every layer) and the head, once per process — a third of the compile time, but the eager
     glue between the regions makes the step CPU-bound (docs/performance.md).
-    attention: the CUDA SDPA backend ("default": torch's choice — cuDNN on an H100 in bf16, measured the
-    fastest of them here —, "flash", "efficient", "cudnn", "math").
+    attention: "flex" (FlexAttention: under ``torch.compile`` a Triton kernel generated for the shape; it has
+    no backward on CPU), an SDPA backend ("default": torch's choice — cuDNN on an H100 in bf16 —,
+    "flash", "efficient", "cudnn", "math"), or "auto" (default): flex when compiling on CUDA — measured
+    the fastest there (docs/performance.md) —, else "default".
+    Evaluations use the SDPA backends other than cuDNN whatever ``attention`` says (the eager evaluation
+    of 20 models took 560–611 ms with cuDNN, 212–266 ms without on an H100, docs/performance.md).
+    cuda_graph: "on" records the whole training step (batch gather, forward, backward, clip, AdamW,
+    statistics) as one CUDA graph after the first ticks of each pass and replays it every step: no
+    kernel launches from Python, and the threads that log and checkpoint beside it no longer slow the
+    steps down (measured, docs/performance.md); "auto" (default) = on when compiling on CUDA; "off".
     layout: "slots" or "groups" (see the module docstring). precision: "auto" (bf16 autocast on CUDA,
     fp32 elsewhere, as train.py), "fp32" or "bf16". timings: if a dict is given it is filled with
     ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
@@ -360,6 +395,10 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if cuda_graph not in CUDA_GRAPH:
+        raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH}, got {cuda_graph!r}")
+    if cuda_graph == "on" and device.type != "cuda":
+        raise ValueError("cuda_graph='on' needs a CUDA device")
     hooks = list(hooks) if hooks is not None else [Hooks() for _ in cfgs]
     resume_states = list(resume_states) if resume_states is not None else [None] * K
     if len(hooks) != K or len(resume_states) != K:
@@ -371,8 +410,13 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     T = mc.context_length
     beta1, beta2 = (float(b) for b in o.betas)
     cuda = device.type == "cuda"
+    use_graph = cuda_graph == "on" or (cuda_graph == "auto" and cuda and bool(compile))
+    if attention == "auto":
+        attention = "flex" if cuda and compile else "default"
     use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    # no autocast weight cache under a CUDA graph: a cached cast made while recording would be stale
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not use_graph))
+                if use_bf16 else nullcontext)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     # --- the layout of one model's parameters as a row of P ---------------------------------------------
@@ -447,13 +491,12 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     tokens = corpus.train
     offs = torch.arange(T + 1, device=tokens.device)
     val_set = validation_batches(corpus.val, phase.train.eval_batches, T)
-    sched_buf = torch.ones(3, K, device=device)
-    fpos_buf = torch.full((K,), Wmax, device=device, dtype=torch.long)
     if compile:
         _allow_recompiles()
     update = compiled_update() if compile else _update
     regions = compiled_regions(compile) if compile and scope == "block" else EAGER
     whole = bool(compile) and scope == "graph"
+    attend = flex_causal(T, device) if attention == "flex" else _sdpa_causal
 
     # --- the pass: which models run, in what shape -----------------------------------------------------
     class Pass:
@@ -480,16 +523,48 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         ps.rows = torch.tensor(rows, device=device)
         if layout == "slots":
             ps.S = math.gcd(*[mb.cfg.batch_size for mb in live])
-            fn = _make_slots_loss(names, mc, K, ps.segments, ps.S, regions)
+            fn = _make_slots_loss(names, mc, K, ps.segments, ps.S, regions, attend)
         else:
-            fn = _make_groups_loss(names, mc, K, ps.segments, regions)
+            fn = _make_groups_loss(names, mc, K, ps.segments, regions, attend)
         ps.loss = torch.compile(fn, dynamic=False, **_compile_kwargs(compile)) if whole else fn
-        ps.table = None
+        # the tables of the next TABLE_CHUNK steps (refilled in place: a recorded graph reads these
+        # addresses) and the device-side row counter the step reads them by and advances
+        ps.starts = torch.zeros(TABLE_CHUNK, ps.n_seqs, dtype=torch.long, device=tokens.device)
+        ps.sched = torch.ones(TABLE_CHUNK, 3, K, device=device)
+        ps.fpos = torch.full((TABLE_CHUNK, K), Wmax, dtype=torch.long, device=device)
+        ps.row = torch.zeros(1, dtype=torch.long, device=device)
+        ps.tick = TABLE_CHUNK  # tables not filled yet
+        ps.graph = None
         ps.warm_left = WARM_TICKS
         return ps
 
+    def run_step(ps: Pass) -> None:
+        """One training step of the pass, all on the device, reading only the pass's static buffers (its
+        tables, at the row ``ps.row`` says, then advanced): the work a CUDA graph records and replays."""
+        r = ps.row
+        x, y = windows(tokens, ps.starts.index_select(0, r)[0], offs)
+        with autocast(), attention_backend(attention, device):
+            if layout == "slots":
+                loss, model_loss = ps.loss(params, ps.rows, x.view(-1, ps.S, T), y.view(-1, ps.S, T))
+            else:
+                loss, model_loss = ps.loss(params, ps.rows, x, y)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            update(P, m, v, list(grads), decay, clip, ps.sched.index_select(0, r)[0], ps.fpos.index_select(0, r)[0],
+                   model_loss, interval, total, final, beta1, beta2, float(o.eps))
+            r.add_(1)
+
+    def capture(ps: Pass) -> None:
+        """Record run_step as a CUDA graph (nothing runs while recording). The step before it ran on the
+        same side stream, so every lazily created handle, plan and kernel exists already."""
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=ps.side, capture_error_mode="thread_local"):
+            run_step(ps)
+        ps.graph = g
+
     def build_tables(ps: Pass) -> None:
-        """Batch starts (CH, n_seqs) and optimizer scalars (CH, 3, K) / final-window slots (CH, K)."""
+        """Fill the pass's tables for the next CH steps: batch starts (CH, n_seqs), optimizer scalars
+        (CH, 3, K), final-window slots (CH, K); the step's row counter back to 0."""
         CH = TABLE_CHUNK
         starts = torch.zeros(CH, ps.n_seqs, dtype=torch.long)
         sched = torch.empty(CH, 3, K, dtype=torch.float32)
@@ -512,15 +587,16 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
             sched[:, :, mb.row] = torch.tensor(rows, dtype=torch.float64).to(torch.float32)
         if cuda:
             starts, sched, fpos = starts.pin_memory(), sched.pin_memory(), fpos.pin_memory()
-        ps.table = (starts.to(tokens.device, non_blocking=True), sched.to(device, non_blocking=True),
-                    fpos.to(device, non_blocking=True))
+        ps.starts.copy_(starts, non_blocking=True)
+        ps.sched.copy_(sched, non_blocking=True)
+        ps.fpos.copy_(fpos, non_blocking=True)
+        ps.row.zero_()
+        ps.tick = 0
 
     def freeze(mb: _Member, ps: Pass) -> None:
-        """A stopped model: no more updates (lr 0), no more statistics (in the current table)."""
-        if ps.table is not None:
-            _, sched, fpos = ps.table
-            sched[:, 0, mb.row], sched[:, 1, mb.row], sched[:, 2, mb.row] = 1.0, 0.0, 1.0
-            fpos[:, mb.row] = Wmax
+        """A stopped model: no more updates (lr 0), no more statistics (in the current tables)."""
+        ps.sched[:, 0, mb.row], ps.sched[:, 1, mb.row], ps.sched[:, 2, mb.row] = 1.0, 0.0, 1.0
+        ps.fpos[:, mb.row] = Wmax
 
     # --- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -530,7 +606,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         tot = torch.zeros(len(rows), device=device)
         for x, y in val_set:
             xe, ye = x.expand(len(rows), *x.shape), y.expand(len(rows), *y.shape)
-            with autocast(), attention_backend(attention, device):
+            with autocast(), eval_attention(device):
                 tot += stacked_slot_losses(W, xe, ye, mc)
         return (tot / len(val_set)).tolist()
 
@@ -551,6 +627,56 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 "stats": stats, "val_history": list(mb.val_history), "config_hash": mb.cfg.config_hash(),
                 "rng_cpu": torch.random.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if cuda else None}
 
+    # --- logging without a sync ------------------------------------------------------------------------
+    pending: list[tuple[Any, torch.Tensor, list[tuple[_Member, int, int]]]] = []  # (event, host sums, members)
+    row_index: dict[tuple[int, ...], torch.Tensor] = {}  # the device index of a set of rows (made once)
+
+    def fetch_logs(logging: list[_Member]) -> None:
+        """Queue the copy of these models' interval sums to the host and restart their intervals (both
+        on the device, in stream order): no wait for the GPU here."""
+        key = tuple(mb.row for mb in logging)
+        if key not in row_index:
+            row_index[key] = torch.tensor(key, device=device)
+        idx = row_index[key]
+        host = torch.empty(len(key), interval.shape[1], dtype=interval.dtype, pin_memory=cuda)
+        host.copy_(interval.index_select(0, idx), non_blocking=cuda)
+        interval.index_fill_(0, idx, 0.0)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        pending.append((event, host, [(mb, mb.step, mb.n_interval) for mb in logging]))
+        for mb in logging:
+            mb.n_interval = 0
+
+    def deliver_logs(wait: bool) -> list[_Member]:
+        """Hand the fetched sums that have arrived (all of them with ``wait``) to on_log, oldest first;
+        stop the models whose means are not finite (DIVERGED, at the step they were logged) or whose
+        hook prunes them. Returns the stopped models."""
+        out: list[_Member] = []
+        while pending and (wait or pending[0][0] is None or pending[0][0].query()):
+            event, host, entries = pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            now = time.perf_counter()
+            for (mb, step, n), srow in zip(entries, host):
+                if not mb.running:
+                    continue
+                means = (srow / n).tolist()
+                if not all(math.isfinite(x_) for x_ in means[:2]):
+                    mb.step = step
+                    out.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
+                    continue
+                metrics = dict(zip(LOG_METRICS, means))
+                metrics["lr"] = lr_at(mb.cfg, step - 1)
+                metrics["tokens_per_s"] = (step - mb.tokens_last) * mb.cfg.tokens_per_step / max(now - mb.t_last, 1e-9)
+                mb.t_last, mb.tokens_last = now, step
+                try:
+                    mb.hooks.on_log(step, metrics)
+                except Pruned:
+                    out.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+        return out
+
     # --- the loop ------------------------------------------------------------------------------------
     tm = {"ticks": 0, "warm": [], "eval_s": 0.0, "builds": 0, "setup_s": time.perf_counter() - t_start}
     ps: Pass | None = None
@@ -560,26 +686,22 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         if ps is None:
             ps = build_pass()
             tm["builds"] += 1
-        if ps.table is None or ps.tick >= TABLE_CHUNK:
+        if ps.tick >= TABLE_CHUNK:
             build_tables(ps)
-            ps.tick = 0
         t0 = time.perf_counter() if ps.warm_left else None
-        starts, sched, fpos = ps.table
-        r = ps.tick
-        sched_buf.copy_(sched[r])
-        fpos_buf.copy_(fpos[r])
-        x, y = windows(tokens, starts[r], offs)
-        with autocast(), attention_backend(attention, device):
-            if layout == "slots":
-                xs, ys = x.view(-1, ps.S, T), y.view(-1, ps.S, T)
-                loss, model_loss = ps.loss(params, ps.rows, xs, ys)
-            else:
-                loss, model_loss = ps.loss(params, ps.rows, x, y)
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            update(P, m, v, list(grads), decay, clip, sched_buf, fpos_buf, model_loss, interval, total, final,
-                   beta1, beta2, float(o.eps))
-        del grads, loss, model_loss
+        if ps.graph is not None:
+            ps.graph.replay()
+        elif use_graph and ps.warm_left == 1:
+            # the last warm tick runs on the side stream the graph is then recorded on; the recording
+            # runs nothing, so the graph's first replay is the next tick
+            ps.side = torch.cuda.Stream(device)
+            ps.side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(ps.side):
+                run_step(ps)
+            torch.cuda.current_stream(device).wait_stream(ps.side)
+            capture(ps)
+        else:
+            run_step(ps)
         ps.tick += 1
         tm["ticks"] += 1
         stopped: list[_Member] = []
@@ -597,29 +719,18 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
             tm["warm"].append(time.perf_counter() - t0)
             ps.warm_left -= 1
 
-        # logging: one fetch for every model that logs now
+        # logging: the sums of every model that logs now are fetched without waiting for the GPU, and
+        # handed to the hooks once they have arrived — at the latest before any evaluation, checkpoint or
+        # end of a run, so the hooks see the same calls in the same order as train.py's
         live = [mb for mb in ps.members if mb.running]
         logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
         if logging:
-            idx = torch.tensor([mb.row for mb in logging], device=device)
-            sums = interval.index_select(0, idx).cpu()
-            now = time.perf_counter()
-            for mb, srow in zip(logging, sums):
-                means = (srow / mb.n_interval).tolist()
-                if not all(math.isfinite(x_) for x_ in means[:2]):
-                    stopped.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
-                    continue
-                metrics = dict(zip(LOG_METRICS, means))
-                metrics["lr"] = lr_at(mb.cfg, mb.step - 1)
-                metrics["tokens_per_s"] = ((mb.step - mb.tokens_last) * mb.cfg.tokens_per_step
-                                           / max(now - mb.t_last, 1e-9))
-                mb.t_last, mb.tokens_last = now, mb.step
-                interval[mb.row].zero_()
-                mb.n_interval = 0
-                try:
-                    mb.hooks.on_log(mb.step, metrics)
-                except Pruned:
-                    stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+            fetch_logs(logging)
+        sync_point = not cuda or any(
+            due(mb.step, mb.cfg.phase.train.eval_interval, mb.cfg.steps)
+            or due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps) or mb.step >= mb.cfg.steps
+            for mb in live)
+        stopped += deliver_logs(wait=sync_point)
         # evaluation: one batched pass for every model that evaluates now
         evaluating = [mb for mb in live if mb.running and due(mb.step, mb.cfg.phase.train.eval_interval,
                                                                 mb.cfg.steps)]
@@ -650,6 +761,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 freeze(mb, ps)
             dead = sum(mb.cfg.batch_size for mb in ps.members if not mb.running)
             if not any(mb.running for mb in members):
+                deliver_logs(wait=True)  # only stopped models' rows can be left: dropped
                 break
             if not compile or dead >= REBUILD_DEAD_FRACTION * ps.n_seqs:
                 ps = None

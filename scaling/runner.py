@@ -217,6 +217,23 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+GIL_SWITCH_S = 1e-4  # Python's thread switch interval while a run trains beside its threads (default 5 ms)
+
+
+@contextmanager
+def quick_gil_handoff():
+    """A short switch interval while training: the metric-sink and checkpoint threads run Python (MLflow
+    requests) beside the training thread, and each time that thread releases the GIL (every tensor op,
+    every graph replay) it waited up to Python's 5 ms to get it back — long enough to leave the GPU idle
+    (docs/performance.md). 0.1 ms bounds that wait and still leaves the threads their share."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, GIL_SWITCH_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
 def prepare(cfg: RunConfig, data_dir=None, tracking_uri=None, device: str = "auto"):
     """Check the store, the device and the data before any run exists; print the data mapping."""
     dev = resolve_device(device)
@@ -397,7 +414,7 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
     sink, writer = MetricSink(client), CheckpointWriter(client)
     rec = RunRecorder(client, run_id, sink, writer, bar, on_eval)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), quick_gil_handoff():
             result = train(cfg, corpus, dev, rec.hooks(), resume_state)
     except (KeyboardInterrupt, _Terminated):
         _drain(sink, writer)
@@ -445,7 +462,7 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
         last = recs[max(range(n), key=lambda i: cfgs[i].steps)]
         last.bar = bar
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), quick_gil_handoff():
             results = train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
                                   compile=compile)
     except (KeyboardInterrupt, _Terminated):

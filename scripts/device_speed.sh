@@ -2,8 +2,10 @@
 # The timings of docs/performance.md (issue 5), made on one GPU machine with no network (the `device` tool).
 # Needs .whl/ and .data/ in the repository root, as scripts/device_results.sh does (see its header).
 #
-#   BENCH_VARIANTS="compile:slots:default:graph,compile:slots:flash:graph" bash scripts/device_speed.sh
+#   BENCH_VARIANTS="compile:slots:flex:graph:cg,compile:slots:default:graph:nocg" bash scripts/device_speed.sh
+#   SWEEP_RUNS="cold warm" bash scripts/device_speed.sh          # the two sweeps only
 #
+# BENCH_EXTRA adds options to the benchmark (e.g. "--group-steps 400 --record"); SWEEP_RUNS="" runs no sweep.
 # 1. (if BENCH_VARIANTS is set) benchmarks/bench_grid.py on those train_group variants, 150 steps each;
 # 2. `scaling sweep --phase $PHASE` (default 2_5) on CUDA, twice, each time into a fresh MLflow store:
 #    "cold" with empty inductor/Triton caches (a first sweep on a new machine), then "warm" with the
@@ -24,7 +26,7 @@ if [ -n "${BENCH_VARIANTS:-}" ]; then
       --paths c --group-steps 150 --variants "$BENCH_VARIANTS" ${BENCH_EXTRA:-} --out "$OUT/bench.json" 2>&1 \
       | grep -v -i warn | tee -a "$LOG"
 fi
-for run in ${SWEEP_RUNS:-cold warm}; do
+for run in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   t=$(date +%s.%N)
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep timeout "${SWEEP_TIMEOUT:-300}" \
       python3 -m scaling.cli sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$run/mlflow.db" \

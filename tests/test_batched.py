@@ -75,9 +75,9 @@ def run_single(cfgs, corpus, recs=None, states=None):
     return [train(c, corpus, CPU, r.hooks(), s) for c, r, s in zip(cfgs, recs, states)], recs
 
 
-def run_group(cfgs, corpus, recs=None, states=None, **kw):
+def run_group(cfgs, corpus, recs=None, states=None, device=CPU, **kw):
     recs = recs or [Recorder() for _ in cfgs]
-    return train_group(cfgs, corpus, CPU, [r.hooks() for r in recs], states, **kw), recs
+    return train_group(cfgs, corpus, device, [r.hooks() for r in recs], states, **kw), recs
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,45 @@ def test_compiled_block_scope_equals_eager(setup, batched):
     res_c, recs_c = run_group(cfgs, corpus, compile=True, scope="block")
     for re_, rce, rc, rcc in zip(res_e, recs_e, res_c, recs_c):
         assert_same_run(re_, rce, rc, rcc, rel=1e-3)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (run on the device machine, docs/performance.md)")
+
+
+@pytest.fixture
+def on_cuda(setup):
+    """The setup's corpus on the GPU for one test (moved back after)."""
+    _, corpus, cfgs = setup
+    corpus.to(torch.device("cuda"))
+    yield corpus, cfgs
+    corpus.to(CPU)
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_graph_equals_launched_step(on_cuda, compile_):
+    """``cuda_graph="on"`` (the step recorded once, then replayed) trains the same runs as launching the
+    step's kernels every tick (fp32: only the generated kernels could differ, and they are the same)."""
+    corpus, cfgs = on_cuda
+    kw = dict(device=torch.device("cuda"), compile=compile_, precision="fp32")
+    res_l, recs_l = run_group(cfgs, corpus, cuda_graph="off", **kw)
+    res_g, recs_g = run_group(cfgs, corpus, cuda_graph="on", **kw)
+    for rl, rcl, rg, rcg in zip(res_l, recs_l, res_g, recs_g):
+        assert_same_run(rl, rcl, rg, rcg, rel=1e-5)
+
+
+@needs_cuda
+def test_flex_attention_equals_sdpa(on_cuda):
+    """``attention="flex"`` (FlexAttention compiled with the whole pass, replayed as a CUDA graph) trains
+    the same runs as the eager pass with SDPA's causal attention, in fp32 (FlexAttention has no CPU
+    backward, hence CUDA only)."""
+    corpus, cfgs = on_cuda
+    kw = dict(device=torch.device("cuda"), precision="fp32")
+    res_e, recs_e = run_group(cfgs, corpus, **kw)
+    res_f, recs_f = run_group(cfgs, corpus, compile=True, attention="flex", **kw)
+    for re_, rce, rf, rcf in zip(res_e, recs_e, res_f, recs_f):
+        assert_same_run(re_, rce, rf, rcf, rel=1e-3)
 
 
 @pytest.mark.parametrize("layout", ["slots", "groups"])
