@@ -1,6 +1,7 @@
 """The ``scaling`` command line: parses, then calls functions that tests call too.
 
-Bad input (a :class:`~scaling.config.ConfigError`) is one line on stderr and exit code 2.
+Bad input — a :class:`~scaling.config.ConfigError`, or one of click's own usage errors (unknown
+option, missing or malformed value) — is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -118,7 +119,35 @@ def parse_splits(value: str | None) -> tuple[str, str]:
     return norm.get(parts[0], parts[0]), norm.get(parts[1], parts[1])
 
 
-@click.group()
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class _OneLineErrors(click.Group):
+    """click's group, with click's usage errors on one line too (click prints the usage, a hint and the
+    error on four lines): ``error: <what> (see 'scaling sweep --help')``, exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_HELP as e:  # a bare `scaling`: the help, as click gives it
+            click.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "scaling"
+            click.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(package_name="scaling")
 def main():
     """Learning-rate x batch-size scaling studies, tracked in MLflow."""

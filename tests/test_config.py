@@ -147,3 +147,63 @@ def test_cli_phases_lists_the_grids():
     r = run_cli("phases")
     assert r.returncode == 0
     assert "2_5" in r.stdout and "32, 64, 128, 256" in r.stdout and "3b" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# click's own usage errors: one line too
+
+
+def _usage_error_is_one_line(args, tmp_path=None):
+    from click.testing import CliRunner
+
+    from scaling.cli import main
+    r = CliRunner().invoke(main, args)
+    err = r.stderr.strip().splitlines()
+    assert r.exit_code == 2, (args, r.output)
+    assert len(err) == 1 and err[0].startswith("error: ") and "--help')" in err[0], (args, r.stderr)
+    assert "Usage:" not in r.output and "Traceback" not in r.output
+    return err[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--phase", "2_5", "--batch-size", "8", "--lr", "x"], "Invalid value for '--lr'"),
+    (["train", "--phase", "2_5", "--batch-size", "1.5", "--lr", "0.1"], "Invalid value for '--batch-size'"),
+    (["train", "--phase", "2_5", "--lr", "0.1"], "Missing option '--batch-size'"),
+    (["sweep", "--device", "tpu"], "Invalid value for '--device'"),
+    (["compare", "--phases"], "'--phases' requires an argument"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_click_usage_errors_are_one_line(args, needle):
+    line = _usage_error_is_one_line(args)
+    assert needle in line
+
+
+COMMANDS = ("train", "sweep", "search", "compare", "import", "phases")
+
+
+@settings(max_examples=40, deadline=None)
+@given(cmd=st.sampled_from(COMMANDS), name=st.from_regex(r"[a-z][a-z-]{1,14}[a-z]", fullmatch=True))
+def test_any_unknown_option_is_one_line(cmd, name):
+    from scaling.cli import main
+    known = {o for p in main.commands[cmd].params for o in (*p.opts, *p.secondary_opts)}
+    if f"--{name}" in known:
+        return
+    assert f"No such option '--{name}'" in _usage_error_is_one_line([cmd, f"--{name}"])
+
+
+def test_usage_error_from_the_real_command_is_one_line(tmp_path):
+    r = run_cli("sweep", "--phase", "2_5", "--no-such-option", cwd=tmp_path)
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert err.startswith("error: No such option '--no-such-option'") and err.endswith("sweep --help')")
+    assert len(err.splitlines()) == 1 and r.stdout == ""
+
+
+def test_help_and_version_still_work():
+    from click.testing import CliRunner
+
+    from scaling.cli import main
+    r = CliRunner().invoke(main, ["sweep", "--help"])
+    assert r.exit_code == 0 and r.output.startswith("Usage: ") and "--group-size" in r.output
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and "version" in r.output
