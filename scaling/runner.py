@@ -329,18 +329,23 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunO
 class RunRecorder:
     """The MLflow side of one run while it trains: metrics (background sink), checkpoints, progress."""
 
-    def __init__(self, client, run_id: str, sink: MetricSink, writer: CheckpointWriter, bar=None, on_eval=None):
+    def __init__(self, client, run_id: str, sink: MetricSink, writer: CheckpointWriter, bar=None, on_eval=None,
+                 resumed: bool = False):
         self.client, self.run_id, self.sink, self.writer = client, run_id, sink, writer
         self.bar, self.on_eval = bar, on_eval
+        # a resumed run: the steps it trains again (checkpoint → last logged step) are in the store already
+        self.logged = tracking.logged_through(client, run_id) if resumed else {}
 
     def hooks(self) -> Hooks:
         def on_log(step, metrics):
-            self.sink.put(self.run_id, step, metrics)
+            if step > self.logged.get("train_loss", 0):
+                self.sink.put(self.run_id, step, metrics)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", clip=f"{metrics['clip_frequency']:.2f}")
 
         def on_eval(step, v):
-            self.sink.put(self.run_id, step, {"val_loss": v})
+            if step > self.logged.get("val_loss", 0):
+                self.sink.put(self.run_id, step, {"val_loss": v})
             if self.on_eval is not None:
                 self.on_eval(step, v)
 
@@ -412,7 +417,7 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
         bar = tqdm(total=cfg.steps, initial=resume_state["step"] if resume_state else 0, unit="step",
                    desc=f"B={cfg.batch_size} lr={cfg.lr:g}", file=sys.stderr, mininterval=1.0)
     sink, writer = MetricSink(client), CheckpointWriter(client)
-    rec = RunRecorder(client, run_id, sink, writer, bar, on_eval)
+    rec = RunRecorder(client, run_id, sink, writer, bar, on_eval, resumed=bool(resume_run_id))
     try:
         with sigterm_as_interrupt(), quick_gil_handoff():
             result = train(cfg, corpus, dev, rec.hooks(), resume_state)
@@ -453,7 +458,8 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
                        extra_tags=t) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
     corpus.to(dev)
     sink, writer = MetricSink(client), CheckpointWriter(client)  # one thread each for the whole group
-    recs = [RunRecorder(client, run_id, sink, writer, None, ev) for (run_id, _), ev in zip(opened, on_evals)]
+    recs = [RunRecorder(client, run_id, sink, writer, None, ev, resumed=bool(r))
+            for (run_id, _), ev, r in zip(opened, on_evals, resume_run_ids)]
     bar = None
     if progress:
         from tqdm import tqdm

@@ -132,6 +132,18 @@ def log_metrics(client, run_id: str, rows: Iterable[tuple[str, float, int]]) -> 
         with_retry(client.log_batch, run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
 
 
+def logged_through(client, run_id: str, metrics: Iterable[str] = ("train_loss", "val_loss")) -> dict[str, int]:
+    """The last step at which each of ``metrics`` was logged in the run (absent: never). A resumed run
+    restarts from its last checkpoint, which can be older than its last logged metrics: the steps up to
+    these are in the store already and are not logged a second time."""
+    out = {}
+    for name in metrics:
+        hist = with_retry(client.get_metric_history, run_id, name)
+        if hist:
+            out[name] = max(m.step for m in hist)
+    return out
+
+
 def set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 

@@ -124,3 +124,30 @@ def test_resume_with_other_options_is_refused(tmp_path, tracking_uri, tiny_text_
     r = run_cli("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 1e-3, "--steps", 10, *DATA,
                 "--tracking-uri", tracking_uri, "--resume", runs[0].info.run_id, cwd=tmp_path)
     assert r.returncode == 2 and "config_hash" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resumed_run_does_not_log_its_steps_twice(tmp_path, tracking_uri, tiny_text_phase):
+    """Interrupted at step 30 (train_loss logged through 30, val_loss through 30, last checkpoint 20), then
+    resumed: it trains steps 21–30 again, but the store keeps one point per step."""
+    from scaling.config import load_phase
+    from scaling.runner import run_config
+
+    cfg = load_phase(phase_file=tiny_text_phase).run_config(8, 3e-3, 1.0, 0, splits=("valid", "test"))
+
+    def stop_at_30(step, val):
+        if step == 30:
+            raise KeyboardInterrupt
+
+    kw = dict(device="cpu", data_dir=TINY_TEXT, tracking_uri=tracking_uri, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, on_eval=stop_at_30, **kw)
+    client, runs = _runs(tracking_uri)
+    run_id = runs[0].info.run_id
+    assert runs[0].info.status == "KILLED"
+    assert max(m.step for m in client.get_metric_history(run_id, "train_loss")) == 30
+    run_config(cfg, resume_run_id=run_id, **kw)
+    client, runs = _runs(tracking_uri)
+    assert runs[0].info.status == "FINISHED"
+    for name, steps in (("train_loss", list(range(5, 41, 5))), ("val_loss", [10, 20, 30, 40]),
+                        ("clip_frequency", list(range(5, 41, 5)))):
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == steps, name
