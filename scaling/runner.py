@@ -288,7 +288,9 @@ def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source:
 
 
 def load_checkpoint(client, run_id: str) -> dict | None:
-    """The run's last checkpoint state, or None if it has none yet."""
+    """The run's last checkpoint state, or None if it has none yet — or none that can be read: a run
+    killed while its checkpoint was being copied into the artifact store leaves a truncated file, and it
+    then trains again from step 0 (said on stderr) rather than stopping the resume or the sweep."""
     try:
         names = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
     except Exception:
@@ -297,7 +299,13 @@ def load_checkpoint(client, run_id: str) -> dict | None:
         return None
     with tempfile.TemporaryDirectory() as d:
         path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, d)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            print(f"run {run_id}: its checkpoint cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                  "training it again from step 0", file=sys.stderr)
+            return None
+    return state if isinstance(state, dict) and "step" in state else None
 
 
 def save_checkpoint(client, run_id: str, state: dict) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -151,3 +152,36 @@ def test_resumed_run_does_not_log_its_steps_twice(tmp_path, tracking_uri, tiny_t
     for name, steps in (("train_loss", list(range(5, 41, 5))), ("val_loss", [10, 20, 30, 40]),
                         ("clip_frequency", list(range(5, 41, 5)))):
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == steps, name
+
+
+def test_unreadable_checkpoint_trains_again_from_step_0(tmp_path, tracking_uri, tiny_text_phase, capsys):
+    """A checkpoint truncated by a kill during its copy: resuming says so and trains from step 0, to the
+    same result, instead of failing with a traceback."""
+    from scaling.config import load_phase
+    from scaling.runner import CHECKPOINT_ARTIFACT, load_checkpoint, run_config
+
+    cfg = load_phase(phase_file=tiny_text_phase).run_config(8, 3e-3, 1.0, 0, splits=("valid", "test"))
+    kw = dict(device="cpu", data_dir=TINY_TEXT, tracking_uri=tracking_uri, progress=False)
+
+    def stop_at_20(step, val):
+        if step == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, on_eval=stop_at_20, **kw)
+    client, runs = _runs(tracking_uri)
+    run_id = runs[0].info.run_id
+    assert load_checkpoint(client, run_id)["step"] == 10
+    good = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(tmp_path / "dl")))
+    cut = tmp_path / "cut" / "last.pt"
+    cut.parent.mkdir()
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # what a kill mid-copy leaves
+    client.log_artifact(run_id, str(cut), "checkpoints")
+    capsys.readouterr()
+    assert load_checkpoint(client, run_id) is None
+    assert "cannot be read" in capsys.readouterr().err
+    out = run_config(cfg, resume_run_id=run_id, **kw)
+    assert out.status == "FINISHED"
+    _, runs = _runs(tracking_uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(5, 41, 5))
