@@ -356,6 +356,11 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
     ref = phase.run_config(b, 1.0, splits=splits)
     study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize", load_if_exists=True,
                                 sampler=_make_sampler(sampler, seed), pruner=_make_pruner(pruner, ref))
+    n_before = len(study.get_trials(deepcopy=False))
+    if seed is not None and n_before:
+        # a study continued with the same seed: the sampler would restart its random stream and ask the
+        # first session's LRs again; seed + trials so far is a new stream, still reproducible
+        study.sampler = _make_sampler(sampler, seed + n_before)
     attrs = study.user_attrs
     if "lr_low0" not in attrs:  # a new study: its range and its first points
         phase_lrs = phase.grid.lrs or [lr for bb, lr in phase.grid.lr_by_batch_size if bb == b] or \

@@ -51,6 +51,19 @@ def test_extension_limit_stops_and_says_so(tmp_path, tiny_random_phase, stores):
     assert "NOT bracketed: extension limit reached" in r.line()
 
 
+def test_continued_seeded_search_asks_new_lrs(tmp_path, tiny_random_phase, stores):
+    """The same seeded search run again with a larger budget (as after an interruption) continues the
+    study with new proposals: its sampler does not replay the first session's LRs."""
+    uri, _ = stores
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    phase = load_phase(phase_file=tiny_random_phase)
+    for n in (2, 5):
+        s = run_search(phase, [4], trials=n, storage=storage, objective_fn=synthetic(3e-3), seed=0,
+                       tracking_uri=uri, device="cpu", progress=False)
+    lrs = [t.params["lr"] for t in optuna.load_study(study_name=s.results[0].study_name, storage=storage).trials]
+    assert len(lrs) == 5 and len(set(lrs)) == 5, lrs
+
+
 def test_three_trial_search_on_the_real_model_end_to_end(tmp_path, tiny_random_phase, stores, one_thread):
     from scaling.sweep import run_sweep
 
