@@ -28,15 +28,13 @@ def _friendly(fn):
     return wrapper
 
 
-def _floats(name):
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return [float(x) for x in value.split(",") if x.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    return parse
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
 def _ints(ctx, param, value):
@@ -157,14 +155,14 @@ def main():
 @_friendly
 def phases():
     """List the built-in phases with their grids."""
-    from scaling.config import builtin_phase_names, load_phase, n_params_estimate
+    from scaling.config import builtin_phase_names, clip_text, load_phase, n_params_estimate
 
     for name in builtin_phase_names():
         p = load_phase(name)
         g = p.grid
         lrs = (", ".join(f"B{b}:{lr:g}" for b, lr in g.lr_by_batch_size) if g.lr_by_batch_size
                else ", ".join(f"{lr:g}" for lr in g.lrs))
-        clips = ", ".join("none" if c is None else f"{c:g}" for c in g.clips)
+        clips = ", ".join(clip_text(c) for c in g.clips)
         click.echo(f"{name:<11} {p.data.dataset:<9} ~{n_params_estimate(p.model) / 1e3:.0f}K params  "
                    f"{p.train.budget_kind}={p.train.budget:g}  configs={len(p.grid_points())}")
         click.echo(f"{'':<11} batch sizes: {', '.join(map(str, g.batch_sizes))}")
@@ -250,7 +248,7 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
 @main.command()
 @phase_options
 @click.option("--batch-sizes", callback=_ints, default=None, help="Override the grid's batch sizes, e.g. 32,64.")
-@click.option("--lrs", callback=_floats("lrs"), default=None, help="Override the grid's LRs, e.g. 1e-3,3e-3.")
+@click.option("--lrs", callback=_floats, default=None, help="Override the grid's LRs, e.g. 1e-3,3e-3.")
 @click.option("--clips", callback=_clips, default=None, help="Override the grid's clip thresholds (none = off).")
 @click.option("--seeds", callback=_ints, default=None, help="Override the phase's seeds.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")

@@ -123,7 +123,7 @@ class Phase:
         # The warmup is declared in the budget's unit: when an override changes the unit it is
         # dropped (0) unless --warmup gives it in the new unit.
         if steps is not None:
-            _positive_int("steps", steps)
+            positive_int("steps", steps)
             if train.budget_kind != "steps" and warmup is None:
                 warmup = 0
             train = dataclasses.replace(train, budget_kind="steps", budget=steps)
@@ -303,9 +303,15 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _positive_int(name: str, x) -> None:
+def positive_int(name: str, x) -> None:
+    """ConfigError unless ``x`` is an int (not a bool) >= 1."""
     if not (isinstance(x, int) and not isinstance(x, bool)) or x < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {x!r}")
+
+
+def clip_text(clip: float | None) -> str:
+    """A clip threshold as run names, labels and parameters spell it: "none" or the number (``%g``)."""
+    return "none" if clip is None else f"{clip:g}"
 
 
 def _positive(name: str, x) -> None:
@@ -314,7 +320,7 @@ def _positive(name: str, x) -> None:
 
 
 def _check_run_values(batch_size, lr, clip, seed) -> None:
-    _positive_int("batch_size", batch_size)
+    positive_int("batch_size", batch_size)
     _positive("lr", lr)
     if clip is not None:
         _positive("grad_clip", clip)
@@ -337,10 +343,10 @@ def _check_phase(p: Phase) -> None:
         raise ConfigError(f"name must be a non-empty word, got {p.name!r}")
     if d.dataset not in DATASETS:
         raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}")
-    _positive_int("data.random_train_tokens", d.random_train_tokens)
-    _positive_int("data.random_val_tokens", d.random_val_tokens)
+    positive_int("data.random_train_tokens", d.random_train_tokens)
+    positive_int("data.random_val_tokens", d.random_val_tokens)
     for k in ("d_model", "n_layers", "n_heads", "context_length", "vocab_size"):
-        _positive_int(f"model.{k}", getattr(m, k))
+        positive_int(f"model.{k}", getattr(m, k))
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if d.dataset == "wikitext2" and m.vocab_size < 128:
@@ -361,11 +367,11 @@ def _check_phase(p: Phase) -> None:
     if t.budget_kind not in BUDGET_KINDS:
         raise ConfigError(f"train.budget_kind must be one of {', '.join(BUDGET_KINDS)}, got {t.budget_kind!r}")
     if t.budget_kind == "steps":
-        _positive_int("steps", t.budget)
+        positive_int("steps", t.budget)
     else:
         _positive(f"train.budget ({t.budget_kind})", t.budget)
     for k in ("eval_interval", "eval_batches", "log_interval", "checkpoint_every"):
-        _positive_int(f"train.{k}", getattr(t, k))
+        positive_int(f"train.{k}", getattr(t, k))
     if not t.seeds:
         raise ConfigError("train.seeds must list at least one seed")
     for s in t.seeds:
@@ -374,7 +380,7 @@ def _check_phase(p: Phase) -> None:
     if not g.batch_sizes:
         raise ConfigError("grid.batch_sizes must list at least one batch size")
     for b in g.batch_sizes:
-        _positive_int("batch_size", b)
+        positive_int("batch_size", b)
     if g.lrs and g.lr_by_batch_size:
         raise ConfigError("grid: give lrs or lr_by_batch_size, not both")
     if not g.lrs and not g.lr_by_batch_size:
@@ -383,7 +389,7 @@ def _check_phase(p: Phase) -> None:
         _positive("lr", lr)
     lr_map = dict(g.lr_by_batch_size)
     for b, lr in g.lr_by_batch_size:
-        _positive_int("batch_size", b)
+        positive_int("batch_size", b)
         _positive("lr", lr)
     for b in g.batch_sizes if lr_map else ():
         if b not in lr_map:

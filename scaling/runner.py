@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from scaling import tracking
-from scaling.config import ConfigError, RunConfig
+from scaling.config import ConfigError, RunConfig, clip_text
 from scaling.data import Corpus, load_corpus
 from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
 
@@ -269,8 +269,7 @@ def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source:
     if commit:
         tags["git_commit"] = commit
     tags.update(extra_tags or {})
-    clip = "none" if cfg.clip is None else f"{cfg.clip:g}"
-    name = run_name or f"B{cfg.batch_size}-lr{cfg.lr:g}-clip{clip}-s{cfg.seed}"
+    name = run_name or f"B{cfg.batch_size}-lr{cfg.lr:g}-clip{clip_text(cfg.clip)}-s{cfg.seed}"
     run = tracking.with_retry(client.create_run, exp_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     params = dict(cfg.to_params(), device=dev.type, dataset_fingerprint=corpus.fingerprint,

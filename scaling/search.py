@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, RunConfig
+from scaling.config import ConfigError, Phase, RunConfig, positive_int
 from scaling.sweep import (TAG_SEARCH_ID, ClaimStore, check_storage_url, classify, default_storage, ensure_parent,
                            link_launcher_run, runs_of_config, safe_url, shared_params)
 
@@ -245,10 +245,8 @@ def _validate(batch_sizes, trials, sampler, pruner, extend_factor, margin, max_e
     if not batch_sizes:
         raise ConfigError("give at least one batch size (--batch-sizes 128,256)")
     for b in batch_sizes:
-        if not (isinstance(b, int) and not isinstance(b, bool)) or b < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {b!r}")
-    if not (isinstance(trials, int) and trials >= 1):
-        raise ConfigError(f"trials must be an integer >= 1, got {trials!r}")
+        positive_int("batch_size", b)
+    positive_int("trials", trials)
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if sampler == "cmaes":
@@ -264,8 +262,7 @@ def _validate(batch_sizes, trials, sampler, pruner, extend_factor, margin, max_e
         raise ConfigError(f"margin must be in [0, 0.5), got {margin!r}")
     if not (isinstance(max_extensions, int) and max_extensions >= 0):
         raise ConfigError(f"max_extensions must be an integer >= 0, got {max_extensions!r}")
-    if not (isinstance(batch, int) and batch >= 1):
-        raise ConfigError(f"batch must be an integer >= 1, got {batch!r}")
+    positive_int("batch", batch)
 
 
 def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sampler: str = "tpe",

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, RunConfig
+from scaling.config import ConfigError, Phase, RunConfig, clip_text, positive_int
 
 TAG_SWEEP_ID = "scaling.sweep_id"
 TAG_SEARCH_ID = "scaling.search_id"  # a search's parent run (scaling.search) and its trials
@@ -269,8 +269,7 @@ def sweep_id_for(cfgs: Sequence[RunConfig]) -> str:
 
 
 def label(cfg: RunConfig) -> str:
-    clip = "none" if cfg.clip is None else f"{cfg.clip:g}"
-    return f"B{cfg.batch_size} lr={cfg.lr:g} clip={clip} seed={cfg.seed}"
+    return f"B{cfg.batch_size} lr={cfg.lr:g} clip={clip_text(cfg.clip)} seed={cfg.seed}"
 
 
 @dataclass
@@ -416,7 +415,7 @@ def shared_params(cfg: RunConfig, phase: Phase) -> dict:
     p["grid_batch_sizes"] = ",".join(map(str, g.batch_sizes))
     p["grid_lrs"] = (",".join(f"B{b}:{lr:g}" for b, lr in g.lr_by_batch_size) if g.lr_by_batch_size
                      else ",".join(f"{lr:g}" for lr in g.lrs))
-    p["grid_clips"] = ",".join("none" if c is None else f"{c:g}" for c in g.clips)
+    p["grid_clips"] = ",".join(clip_text(c) for c in g.clips)
     p["grid_seeds"] = ",".join(map(str, phase.train.seeds))
     return p
 
@@ -724,10 +723,8 @@ def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tupl
     """
     from scaling import runner
 
-    if not (isinstance(workers, int) and workers >= 1):
-        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
-    if not (isinstance(group_size, int) and group_size >= 1):
-        raise ConfigError(f"group_size must be an integer >= 1, got {group_size!r}")
+    positive_int("workers", workers)
+    positive_int("group_size", group_size)
     if engine is not None and workers > 1:
         raise ConfigError("a custom engine runs in-process: use workers=1 (it may batch configs itself)")
     if engine is None and group_size > 1 and workers == 1:

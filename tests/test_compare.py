@@ -131,7 +131,7 @@ def test_every_format(store, tmp_path):
 def make_native_runs(uri, phase_name="2_5_tokens", seeds=(0, 1), diverge=(32, 0.0128)):
     """Runs shaped like `scaling train` records them (docs/run-schema.md): LR_opt = 1e-3 (B/32)^0.5,
     losses quadratic in ln LR with seed noise, clip metrics, baselines, one diverged run."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     phase = load_phase(phase_name)
     client = tracking.connect(uri)
@@ -209,7 +209,7 @@ def test_errors_are_one_line_and_write_nothing(store, tmp_path):
 
 
 def test_different_budgets_are_refused_unless_pooled(store):
-    client = make_native_runs(store, seeds=(0,))
+    make_native_runs(store, seeds=(0,))
     from scaling.importing import import_table
 
     f = Path(store[len("sqlite:///"):]).parent / "steps.csv"

@@ -55,17 +55,19 @@ def test_clip_metric_invariants(corpus, clip):
 def test_applied_gradient_norm_really_is_the_reported_one(corpus):
     """Recompute the post-clip norm from the gradients themselves after one step."""
     phase, c = corpus
-    from scaling.model import build_model
-    cfg = phase.with_overrides(steps=1).run_config(8, 1e-3, 0.1, splits=("valid", "test"))
-    model = build_model(phase.model, 0)
     from scaling.data import BatchSampler
+    from scaling.model import build_model
+    from scaling.train import clip_stats
+    model = build_model(phase.model, 0)
     x, y = BatchSampler(c.train, 0, 8, phase.model.context_length).batch(0)
-    model.loss(x, y).backward()
-    before = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.1)
+    loss = model.loss(x, y)
+    loss.backward()
+    before = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.1)  # what train.py applies
+    _, row = clip_stats(loss.detach(), before, 0.1)  # what it reports: loss, before, after, clipped, scale
     applied = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
-    scale = min(1.0, 0.1 / (float(before) + 1e-6))
-    assert float(applied) == pytest.approx(float(before) * scale, rel=1e-5)
-    assert float(applied) <= 0.1 + 1e-6
+    assert float(row[1]) == float(before) and float(row[3]) == 1.0  # clipped at this threshold
+    assert float(applied) == pytest.approx(float(row[2]), rel=1e-5)
+    assert float(applied) <= 0.1 + 1e-6 and float(row[4]) == pytest.approx(float(row[2]) / float(row[1]))
 
 
 def test_summaries(corpus):
