@@ -28,22 +28,20 @@ def _friendly(fn):
     return wrapper
 
 
-def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+def _comma_list(convert, what: str):
+    """A click callback: "a,b,c" → [convert(a), ...] (None stays None), a bad item a usage error."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [convert(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
+    return parse
 
 
-def _ints(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+_floats = _comma_list(float, "numbers")
+_ints = _comma_list(int, "integers")
 
 
 def _clips(ctx, param, value):
