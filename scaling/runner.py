@@ -425,24 +425,42 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
                    desc=f"B={cfg.batch_size} lr={cfg.lr:g}", file=sys.stderr, mininterval=1.0)
     sink, writer = MetricSink(client), CheckpointWriter(client)
     rec = RunRecorder(client, run_id, sink, writer, bar, on_eval, resumed=bool(resume_run_id))
+
+    def killed():
+        print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
+
+    return _train_recorded(lambda: [train(cfg, corpus, dev, rec.hooks(), resume_state)], client, [run_id], [cfg],
+                           [rec], sink, writer, killed)[0]
+
+
+def _train_recorded(fit, client, run_ids: list[str], cfgs: list[RunConfig], recs: list[RunRecorder],
+                    sink: MetricSink, writer: CheckpointWriter, on_killed=None) -> list[RunOutcome]:
+    """Run ``fit()`` (one TrainResult per run) and end the runs: on Ctrl-C or SIGTERM every run's rows
+    and checkpoints are written and the runs closed KILLED, on an error FAILED; otherwise written, closed
+    and finished. A signal that comes while the last rows are written is raised again once the runs are
+    recorded."""
     try:
         with sigterm_as_interrupt(), quick_gil_handoff():
-            result = train(cfg, corpus, dev, rec.hooks(), resume_state)
+            results = fit()
     except (KeyboardInterrupt, _Terminated):
         _drain(sink, writer)
-        rec.close("KILLED")
-        print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
+        for r in recs:
+            r.close("KILLED")
+        if on_killed is not None:
+            on_killed()
         raise KeyboardInterrupt from None
     except BaseException:
         _drain(sink, writer)
-        rec.close("FAILED")
+        for r in recs:
+            r.close("FAILED")
         raise
     interrupted = _drain(sink, writer)
-    rec.close()
-    outcome = finish_run(client, run_id, cfg, result)
-    if interrupted:  # the run was complete: it is recorded, then the interruption goes on
+    for r in recs:
+        r.close()
+    outcomes = [finish_run(client, run_id, c, res) for run_id, c, res in zip(run_ids, cfgs, results)]
+    if interrupted:  # the runs were complete: they are recorded, then the interruption goes on
         raise KeyboardInterrupt
-    return outcome
+    return outcomes
 
 
 def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracking_uri=None,
@@ -474,27 +492,9 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
                    mininterval=1.0)
         last = recs[max(range(n), key=lambda i: cfgs[i].steps)]
         last.bar = bar
-    try:
-        with sigterm_as_interrupt(), quick_gil_handoff():
-            results = train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
-                                  compile=compile)
-    except (KeyboardInterrupt, _Terminated):
-        _drain(sink, writer)
-        for r in recs:
-            r.close("KILLED")
-        raise KeyboardInterrupt from None
-    except BaseException:
-        _drain(sink, writer)
-        for r in recs:
-            r.close("FAILED")
-        raise
-    interrupted = _drain(sink, writer)
-    for r in recs:
-        r.close()
-    outcomes = [finish_run(client, run_id, c, res) for (run_id, _), c, res in zip(opened, cfgs, results)]
-    if interrupted:  # the runs were complete: they are recorded, then the interruption goes on
-        raise KeyboardInterrupt
-    return outcomes
+    return _train_recorded(lambda: train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
+                                               compile=compile),
+                           client, [run_id for run_id, _ in opened], cfgs, recs, sink, writer)
 
 
 __all__ = ["RunOutcome", "CheckpointWriter", "MetricSink", "run_config", "run_group", "prepare", "open_run", "start_run", "finish_run",
