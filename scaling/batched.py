@@ -682,89 +682,97 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     ps: Pass | None = None
     for mb in members:
         mb.t_last = time.perf_counter()
-    while any(mb.running for mb in members):
-        if ps is None:
-            ps = build_pass()
-            tm["builds"] += 1
-        if ps.tick >= TABLE_CHUNK:
-            build_tables(ps)
-        t0 = time.perf_counter() if ps.warm_left else None
-        if ps.graph is not None:
-            ps.graph.replay()
-        elif use_graph and ps.warm_left == 1:
-            # the last warm tick runs on the side stream the graph is then recorded on; the recording
-            # runs nothing, so the graph's first replay is the next tick
-            ps.side = torch.cuda.Stream(device)
-            ps.side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(ps.side):
+    try:
+        while any(mb.running for mb in members):
+            if ps is None:
+                ps = build_pass()
+                tm["builds"] += 1
+            if ps.tick >= TABLE_CHUNK:
+                build_tables(ps)
+            t0 = time.perf_counter() if ps.warm_left else None
+            if ps.graph is not None:
+                ps.graph.replay()
+            elif use_graph and ps.warm_left == 1:
+                # the last warm tick runs on the side stream the graph is then recorded on; the recording
+                # runs nothing, so the graph's first replay is the next tick
+                ps.side = torch.cuda.Stream(device)
+                ps.side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(ps.side):
+                    run_step(ps)
+                torch.cuda.current_stream(device).wait_stream(ps.side)
+                capture(ps)
+            else:
                 run_step(ps)
-            torch.cuda.current_stream(device).wait_stream(ps.side)
-            capture(ps)
-        else:
-            run_step(ps)
-        ps.tick += 1
-        tm["ticks"] += 1
-        stopped: list[_Member] = []
-        for mb in ps.members:
-            if not mb.running:
-                continue
-            mb.step += 1
-            mb.n_interval += 1
-            try:
-                mb.hooks.on_step(mb.step)
-            except Pruned:
-                stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
-        if t0 is not None:
-            sync()
-            tm["warm"].append(time.perf_counter() - t0)
-            ps.warm_left -= 1
-
-        # logging: the sums of every model that logs now are fetched without waiting for the GPU, and
-        # handed to the hooks once they have arrived — at the latest before any evaluation, checkpoint or
-        # end of a run, so the hooks see the same calls in the same order as train.py's
-        live = [mb for mb in ps.members if mb.running]
-        logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
-        if logging:
-            fetch_logs(logging)
-        sync_point = not cuda or any(
-            due(mb.step, mb.cfg.phase.train.eval_interval, mb.cfg.steps)
-            or due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps) or mb.step >= mb.cfg.steps
-            for mb in live)
-        stopped += deliver_logs(wait=sync_point)
-        # evaluation: one batched pass for every model that evaluates now
-        evaluating = [mb for mb in live if mb.running and due(mb.step, mb.cfg.phase.train.eval_interval,
-                                                                mb.cfg.steps)]
-        if evaluating:
-            te = time.perf_counter()
-            vals = evaluate_rows([mb.row for mb in evaluating])
-            tm["eval_s"] += time.perf_counter() - te
-            for mb, val in zip(evaluating, vals):
-                mb.val_history.append((mb.step, val))
-                try:
-                    mb.hooks.on_eval(mb.step, val)
-                except Pruned:
-                    stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+            ps.tick += 1
+            tm["ticks"] += 1
+            stopped: list[_Member] = []
+            for mb in ps.members:
+                if not mb.running:
                     continue
-                if not math.isfinite(val):
-                    stopped.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
-        for mb in live:
-            if mb.running and due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps):
+                mb.step += 1
+                mb.n_interval += 1
                 try:
-                    mb.hooks.on_checkpoint(mb.step, state_of(mb))
+                    mb.hooks.on_step(mb.step)
                 except Pruned:
                     stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
-        for mb in live:
-            if mb.running and mb.step >= mb.cfg.steps:
-                stopped.append(_stop(mb, "FINISHED", interval, total, final, N, corpus))
-        if stopped:
-            for mb in stopped:
-                freeze(mb, ps)
-            dead = sum(mb.cfg.batch_size for mb in ps.members if not mb.running)
-            if not any(mb.running for mb in members):
-                deliver_logs(wait=True)  # only stopped models' rows can be left: dropped
-                break
-            if not compile or dead >= REBUILD_DEAD_FRACTION * ps.n_seqs:
-                ps = None
+            if t0 is not None:
+                sync()
+                tm["warm"].append(time.perf_counter() - t0)
+                ps.warm_left -= 1
+
+            # logging: the sums of every model that logs now are fetched without waiting for the GPU, and
+            # handed to the hooks once they have arrived — at the latest before any evaluation, checkpoint or
+            # end of a run, so the hooks see the same calls in the same order as train.py's
+            live = [mb for mb in ps.members if mb.running]
+            logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
+            if logging:
+                fetch_logs(logging)
+            sync_point = not cuda or any(
+                due(mb.step, mb.cfg.phase.train.eval_interval, mb.cfg.steps)
+                or due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps) or mb.step >= mb.cfg.steps
+                for mb in live)
+            stopped += deliver_logs(wait=sync_point)
+            # evaluation: one batched pass for every model that evaluates now
+            evaluating = [mb for mb in live if mb.running and due(mb.step, mb.cfg.phase.train.eval_interval,
+                                                                    mb.cfg.steps)]
+            if evaluating:
+                te = time.perf_counter()
+                vals = evaluate_rows([mb.row for mb in evaluating])
+                tm["eval_s"] += time.perf_counter() - te
+                for mb, val in zip(evaluating, vals):
+                    mb.val_history.append((mb.step, val))
+                    try:
+                        mb.hooks.on_eval(mb.step, val)
+                    except Pruned:
+                        stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+                        continue
+                    if not math.isfinite(val):
+                        stopped.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
+            for mb in live:
+                if mb.running and due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps):
+                    try:
+                        mb.hooks.on_checkpoint(mb.step, state_of(mb))
+                    except Pruned:
+                        stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+            for mb in live:
+                if mb.running and mb.step >= mb.cfg.steps:
+                    stopped.append(_stop(mb, "FINISHED", interval, total, final, N, corpus))
+            if stopped:
+                for mb in stopped:
+                    freeze(mb, ps)
+                dead = sum(mb.cfg.batch_size for mb in ps.members if not mb.running)
+                if not any(mb.running for mb in members):
+                    deliver_logs(wait=True)  # only stopped models' rows can be left: dropped
+                    break
+                if not compile or dead >= REBUILD_DEAD_FRACTION * ps.n_seqs:
+                    ps = None
+    except BaseException:  # Ctrl-C, SIGTERM, an error: the sums already fetched still reach their hooks
+        try:
+            deliver_logs(wait=True)
+        except Exception:
+            pass
+        raise
+
     if timings is not None:
         sync()
         tm["wall_s"] = time.perf_counter() - t_start
