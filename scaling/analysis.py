@@ -237,10 +237,7 @@ def regime(clip_frequency: float | None) -> str:
     """pre-saturation (< 0.5), transition (0.5–0.99), saturation (≥ 0.99); ``unknown`` without data."""
     if clip_frequency is None or not np.isfinite(clip_frequency):
         return "unknown"
-    for bound, name in REGIMES:
-        if clip_frequency < bound:
-            return name
-    return "saturation"
+    return next(name for bound, name in REGIMES if clip_frequency < bound)
 
 
 def optimum_table(runs: pd.DataFrame, metric: str = "final_val_loss", window: int = 1,
