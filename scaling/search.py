@@ -293,10 +293,10 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
     if any(c in search_id for c in "'\"\\"):
         raise ConfigError(f"study name must not contain quotes or backslashes, got {search_id!r}")
     if objective_fn is None:  # reach the store and the data before anything is created
-        prepared = {None: runner.prepare(phase.run_config(batch_sizes[0], 1.0, splits=splits), data_dir, uri, device)}
-        client = prepared[None][0]
+        prepared = runner.prepare(phase.run_config(batch_sizes[0], 1.0, splits=splits), data_dir, uri, device)
+        client = prepared[0]
     else:
-        prepared, client = {}, tracking.connect(uri)
+        prepared, client = None, tracking.connect(uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(phase.name))
     parent = launcher = None
@@ -319,9 +319,9 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
                 summary.results.append(_search_one(
                     phase, b, trials, sampler=sampler, pruner=pruner, storage=storage,
                     study_name=f"{search_id}-B{b}", extend_factor=extend_factor, margin=margin,
-                    max_extensions=max_extensions, batch=batch, device=device, data_dir=data_dir, splits=splits,
-                    tracking_uri=uri, client=client, exp_id=exp_id, parent=parent, search_id=search_id,
-                    objective_fn=objective_fn, seed=seed, prepared=prepared, progress=progress, group=group,
+                    max_extensions=max_extensions, batch=batch, splits=splits, client=client, exp_id=exp_id,
+                    parent=parent, search_id=search_id, objective_fn=objective_fn, seed=seed,
+                    prepared=prepared, progress=progress, group=group,
                     compile=compile))
     except (KeyboardInterrupt, runner._Terminated):
         if parent:
@@ -344,8 +344,8 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
 
 
 def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, study_name, extend_factor, margin,
-                max_extensions, batch, device, data_dir, splits, tracking_uri, client, exp_id, parent, search_id,
-                objective_fn, seed, prepared, progress, group=False, compile=False) -> BatchSizeSearch:
+                max_extensions, batch, splits, client, exp_id, parent, search_id, objective_fn, seed, prepared,
+                progress, group=False, compile=False) -> BatchSizeSearch:
     import optuna
     from optuna.distributions import FloatDistribution
 
@@ -413,8 +413,7 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
         while todo > 0:  # reused grid points are free: a batch is `batch` evaluated trials
             el, eh, lo, hi = state()
             asked = [study.ask({"lr": FloatDistribution(lo, hi, log=True)}) for _ in range(todo)]
-            todo -= _evaluate(study, asked, phase, b, device=device, data_dir=data_dir, splits=splits,
-                              tracking_uri=tracking_uri, client=client, exp_id=exp_id, parent=parent,
+            todo -= _evaluate(study, asked, phase, b, splits=splits, client=client, exp_id=exp_id, parent=parent,
                               search_id=search_id, objective_fn=objective_fn, prepared=prepared, progress=progress,
                               group=group, compile=compile)
     el, eh, lo, hi = state()
@@ -433,11 +432,11 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
         grid_best=best_grid, lower=an.lower, upper=an.upper)
 
 
-def _evaluate(study, trials: list, phase: Phase, b: int, *, device, data_dir, splits, tracking_uri, client, exp_id,
-              parent, search_id, objective_fn, prepared, progress, group: bool = False,
-              compile: bool = False) -> int:
+def _evaluate(study, trials: list, phase: Phase, b: int, *, splits, client, exp_id, parent, search_id, objective_fn,
+              prepared, progress, group: bool = False, compile: bool = False) -> int:
     """Asked trials: synthetic, reused from a recorded run, or trained (and recorded) now — one by one,
-    or all together in one batched pass with ``group`` (ask K, train K together, tell K).
+    or all together in one batched pass with ``group`` (ask K, train K together, tell K). ``prepared``
+    is runner.prepare's (client, device, corpus) of the search (None with an ``objective_fn``).
     Returns how many were evaluated (reused ones are free)."""
     import optuna
 
@@ -483,18 +482,17 @@ def _evaluate(study, trials: list, phase: Phase, b: int, *, device, data_dir, sp
         return n_evaluated
     try:
         if group and len(todo) > 1:
-            outcomes = runner.run_group([t[1] for t in todo], device=device, resume_run_ids=[t[3] for t in todo],
+            outcomes = runner.run_group([t[1] for t in todo], resume_run_ids=[t[3] for t in todo],
                                         progress=progress, source="search", parent_run_id=parent,
                                         extra_tags=[t[2] for t in todo], on_evals=[t[4] for t in todo],
-                                        prepared=prepared[None], compile=compile)
+                                        prepared=prepared, compile=compile)
         else:
             outcomes = []
             for trial, cfg, tags, resume, on_eval in todo:
                 try:
-                    outcomes.append(runner.run_config(cfg, device=device, data_dir=data_dir,
-                                                      tracking_uri=tracking_uri, resume_run_id=resume,
-                                                      progress=progress, source="search", parent_run_id=parent,
-                                                      extra_tags=tags, on_eval=on_eval, prepared=prepared[None]))
+                    outcomes.append(runner.run_config(cfg, resume_run_id=resume, progress=progress, source="search",
+                                                      parent_run_id=parent, extra_tags=tags, on_eval=on_eval,
+                                                      prepared=prepared))
                 except (KeyboardInterrupt, runner._Terminated):
                     raise
                 except Exception as e:

@@ -108,6 +108,38 @@ def test_three_trial_search_on_the_real_model_end_to_end(tmp_path, tiny_random_p
     assert len(optuna.load_study(study_name=r.study_name, storage=storage).trials) == len(study.trials)
 
 
+def test_grouped_search_trains_the_asked_trials_together(tmp_path, tiny_random_phase, stores, one_thread,
+                                                          monkeypatch):
+    """``group=True``: the trials asked together are trained in one batched pass (scaling.batched), each
+    recorded as its own search child run, told to Optuna with its own loss."""
+    from scaling import runner
+
+    passes = []
+    real = runner.run_group
+
+    def counted(cfgs, **kw):
+        passes.append(len(cfgs))
+        return real(cfgs, **kw)
+
+    monkeypatch.setattr(runner, "run_group", counted)
+    uri, _ = stores
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    phase = load_phase(phase_file=tiny_random_phase).with_overrides(batch_sizes=[8])
+    s = run_search(phase, [8], 2, batch=2, group=True, storage=storage, device="cpu", tracking_uri=uri, seed=0,
+                   progress=False)
+    r = s.results[0]
+    assert r.n_trials == 2 and r.n_reused == 0 and passes == [2]  # one pass of both trials
+    study = optuna.load_study(study_name=r.study_name, storage=storage)
+    client = MlflowClient(uri)
+    runs = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    assert len(runs) == 2 and len({t.params["lr"] for t in study.trials}) == 2
+    for run_id, t in runs.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["source"] == "search"
+        assert run.data.tags["mlflow.parentRunId"] == s.parent_run_id
+        assert t.value == pytest.approx(run.data.metrics["final_val_loss"])
+
+
 def test_a_trial_whose_process_died_is_requeued_and_its_run_resumed(tmp_path, tiny_random_phase, stores, one_thread):
     import socket
     import subprocess
