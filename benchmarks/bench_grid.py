@@ -25,6 +25,7 @@ Imports only torch and scaling.{config,model,train,data,batched}: runs where mlf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -244,20 +245,22 @@ class Bench:
         else:
             fresh_compile()
         self.sync()
-        old_switch = sys.getswitchinterval()
-        sys.setswitchinterval(switch_s or old_switch)
+        handoff = contextlib.nullcontext()
+        if record:  # as the sweep trains (runner imports mlflow: only with --record)
+            from scaling.runner import quick_gil_handoff
+            handoff = quick_gil_handoff(switch_s)
         t = time.perf_counter()
+        t1 = None
         try:
-            res = train_group(cfgs, self.corpus, self.device, hooks, timings=tm, **kw)
-            self.sync()
-        finally:
-            sys.setswitchinterval(old_switch)
-        wall = time.perf_counter() - t
-        flush_s = 0.0
-        if record:
+            with handoff:
+                res = train_group(cfgs, self.corpus, self.device, hooks, timings=tm, **kw)
+                self.sync()
             t1 = time.perf_counter()
-            close()
-            flush_s = time.perf_counter() - t1
+        finally:
+            if record:
+                close()
+        wall = t1 - t
+        flush_s = time.perf_counter() - t1 if record else 0.0
         from scaling.batched import WARM_TICKS
         warm = sum(tm["warm"][:WARM_TICKS])
         steady_ticks = tm["ticks"] - WARM_TICKS
@@ -439,7 +442,8 @@ class Bench:
         variant = self.args.profile_variant or self.args.variants[-1]
         kw = parse_variant(variant)
         n = self.args.profile
-        warm = 3
+        from scaling.batched import WARM_TICKS
+        warm = WARM_TICKS  # the pass is compiled (and its CUDA graph recorded) by then
         cfgs = self.grid_cfgs(warm + n + 1, eval_interval=10 * n, checkpoint_every=10 * n)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         fresh_compile()

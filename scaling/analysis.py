@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, clip_text
 
 #: Columns of the runs table (metric columns beyond these are kept when present).
 RUN_COLUMNS = ("run_id", "phase", "batch_size", "lr", "grad_clip", "seed", "status", "diverged",
@@ -160,7 +160,7 @@ def series_labels(runs: pd.DataFrame) -> pd.Series:
 
 
 def _clip_label(c) -> str:
-    return "none" if c is None or (isinstance(c, float) and math.isnan(c)) else f"{float(c):g}"
+    return clip_text(None if c is None or (isinstance(c, float) and math.isnan(c)) else float(c))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -674,6 +674,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 try:
                     mb.hooks.on_log(step, metrics)
                 except Pruned:
+                    mb.step = step
                     out.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
         return out
 
@@ -722,7 +723,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
 
             # logging: the sums of every model that logs now are fetched without waiting for the GPU, and
             # handed to the hooks once they have arrived — at the latest before any evaluation, checkpoint or
-            # end of a run, so the hooks see the same calls in the same order as train.py's
+            # end of a run, so on_log/on_eval/on_checkpoint come in train.py's order (on_step, a progress
+            # count, may run a few steps ahead of on_log)
             live = [mb for mb in ps.members if mb.running]
             logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
             if logging:
@@ -762,7 +764,6 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                     freeze(mb, ps)
                 dead = sum(mb.cfg.batch_size for mb in ps.members if not mb.running)
                 if not any(mb.running for mb in members):
-                    deliver_logs(wait=True)  # only stopped models' rows can be left: dropped
                     break
                 if not compile or dead >= REBUILD_DEAD_FRACTION * ps.n_seqs:
                     ps = None

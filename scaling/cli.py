@@ -6,26 +6,11 @@ option, missing or malformed value) — is one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
 
 from scaling.config import ConfigError
-
-
-def _friendly(fn):
-    """Turn ConfigError (and its TrackingError / DataError kin) into one line + exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def _comma_list(convert, what: str):
@@ -44,20 +29,11 @@ _floats = _comma_list(float, "numbers")
 _ints = _comma_list(int, "integers")
 
 
-def _clips(ctx, param, value):
-    if value is None:
-        return None
-    out = []
-    for x in value.split(","):
-        x = x.strip().lower()
-        if x in ("none", "null", "off"):
-            out.append(None)
-        elif x:
-            try:
-                out.append(float(x))
-            except ValueError:
-                raise click.BadParameter(f"expected numbers or 'none', got {value!r}") from None
-    return out
+def _clip_item(x: str) -> float | None:
+    return None if x.strip().lower() in ("none", "null", "off") else float(x)
+
+
+_clips = _comma_list(_clip_item, "numbers or 'none'")
 
 
 def _clip_value(ctx, param, value):
@@ -119,16 +95,20 @@ _NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8
 
 
 class _OneLineErrors(click.Group):
-    """click's group, with click's usage errors on one line too (click prints the usage, a hint and the
-    error on four lines): ``error: <what> (see 'scaling sweep --help')``, exit code 2."""
+    """The one place bad input becomes one line and exit code 2: a ConfigError (and its TrackingError /
+    DataError kin) raised by a command as ``error: <what>``, and click's usage errors (which click prints
+    on four lines) as ``error: <what> (see 'scaling sweep --help')``."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ConfigError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
         except _NO_ARGS_HELP as e:  # a bare `scaling`: the help, as click gives it
-            click.echo(e.format_message(), err=True)
+            e.show()
             sys.exit(e.exit_code)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "scaling"
@@ -150,7 +130,6 @@ def main():
 
 
 @main.command()
-@_friendly
 def phases():
     """List the built-in phases with their grids."""
     from scaling.config import builtin_phase_names, clip_text, load_phase, n_params_estimate
@@ -174,7 +153,6 @@ def phases():
 @click.option("--clip", callback=_clip_value, default=None, help="Clip threshold or 'none' (default: the phase's).")
 @click.option("--seed", type=int, default=None)
 @click.option("--resume", "resume_run_id", default=None, help="Continue this MLflow run from its last checkpoint.")
-@_friendly
 def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
           checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_size, lr, clip, seed,
           resume_run_id):
@@ -208,7 +186,6 @@ def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--tracking-uri", default=None, help="MLflow store (env MLFLOW_TRACKING_URI).")
 @click.option("--no-mlflow", is_flag=True, help="Do not record a comparison run in scaling-compare.")
-@_friendly
 def compare(phases, metric, fmt, out_dir, estimator, exclude_unlearned, pool_budgets, bootstrap, seed,
             tracking_uri, no_mlflow):
     """Fit LR_opt(B) per phase from its MLflow runs and put phases side by side against theory."""
@@ -233,7 +210,6 @@ def compare(phases, metric, fmt, out_dir, estimator, exclude_unlearned, pool_bud
 @click.option("--data-dir", type=click.Path(), default=None, envvar="SCALING_DATA_DIR",
               help="Local copy of the phase's dataset, for the loss baselines (env SCALING_DATA_DIR).")
 @click.option("--splits", default=None, envvar="SCALING_SPLITS", help="TRAIN:VAL split mapping, e.g. valid:test.")
-@_friendly
 def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
     """Turn a results table (CSV) into FINISHED MLflow runs of a phase; re-importing creates nothing."""
     from scaling.importing import import_table
@@ -259,7 +235,6 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
                    "CUDA, 1 on CPU).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the batched step (default: on CUDA).")
-@_friendly
 def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
           checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, lrs, clips, seeds, workers,
           storage, retry_failed, sweep_name, group_size, compile_):
@@ -305,7 +280,6 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
               help="Train the --batch trials asked at a time together in one batched pass (default: on CUDA).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the batched step "
               "(default: on CUDA).")
-@_friendly
 def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
            checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, trials, sampler, pruner,
            storage, study_name, extend_factor, margin, max_extensions, batch, sampler_seed, group, compile_):

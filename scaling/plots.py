@@ -23,8 +23,6 @@ import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scaling.analysis import FIT_KINDS, REGIMES  # noqa: E402
-
 from scaling import analysis  # noqa: E402
 
 FIT_STYLE = {"all": ("tab:blue", "-"), "uncensored": ("tab:green", "-"), "censored": ("tab:purple", "--")}
@@ -99,7 +97,7 @@ def plot_lr_opt(ph: dict[str, Any], path: str | Path, seed: int = 0) -> Path:
     anchor = None
     same = (ph["fits"]["all"]["status"] == "ok" and ph["fits"]["all"]["n_censored"] == 0
             and ph["fits"]["uncensored"]["status"] == "ok")
-    for kind in FIT_KINDS:
+    for kind in analysis.FIT_KINDS:
         f = ph["fits"][kind]
         if f["status"] != "ok" or (same and kind == "uncensored"):
             continue
@@ -248,7 +246,7 @@ def plot_beta(report: dict[str, Any], path: str | Path) -> Path:
     for the censored fit; theory values as horizontal lines."""
     phases = report["phases"]
     fig, ax = plt.subplots(figsize=(max(7.5, 1.8 * len(phases) + 4.5), 5.2))
-    kinds = FIT_KINDS
+    kinds = analysis.FIT_KINDS
     offs = dict(zip(kinds, (-0.22, 0.0, 0.22)))
     finite_vals = []
     for ph in phases:
@@ -314,7 +312,7 @@ def plot_clip_frequency(ph: dict[str, Any], path: str | Path) -> Path | None:
             f = [p[1] for p in pts if p[0] == opt[b]]
             if f:
                 ax.plot(opt[b], f[0], "*", color=c, ms=16, mec="black")
-    (low, low_name), (high, mid_name), (_, high_name) = REGIMES  # the bounds the report's regimes use
+    (low, low_name), (high, mid_name), (_, high_name) = analysis.REGIMES  # the bounds the report's regimes use
     for y in (low, high):
         ax.axhline(y, color="gray", ls=":", lw=1)
     ax.text(1.0, low / 2, low_name, transform=ax.get_yaxis_transform(), ha="right", fontsize=8, color="gray")

@@ -221,13 +221,14 @@ GIL_SWITCH_S = 1e-4  # Python's thread switch interval while a run trains beside
 
 
 @contextmanager
-def quick_gil_handoff():
+def quick_gil_handoff(seconds: float | None = None):
     """A short switch interval while training: the metric-sink and checkpoint threads run Python (MLflow
     requests) beside the training thread, and each time that thread releases the GIL (every tensor op,
     every graph replay) it waited up to Python's 5 ms to get it back — long enough to leave the GPU idle
-    (docs/performance.md). 0.1 ms bounds that wait and still leaves the threads their share."""
+    (docs/performance.md). 0.1 ms bounds that wait and still leaves the threads their share.
+    ``seconds``: another interval (the benchmark compares them)."""
     old = sys.getswitchinterval()
-    sys.setswitchinterval(min(old, GIL_SWITCH_S))
+    sys.setswitchinterval(min(old, GIL_SWITCH_S) if seconds is None else seconds)
     try:
         yield
     finally:
@@ -429,12 +430,12 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
     def killed():
         print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
 
-    return _train_recorded(lambda: [train(cfg, corpus, dev, rec.hooks(), resume_state)], client, [run_id], [cfg],
-                           [rec], sink, writer, killed)[0]
+    return _train_recorded(lambda: [train(cfg, corpus, dev, rec.hooks(), resume_state)], client, [cfg], [rec],
+                           sink, writer, killed)[0]
 
 
-def _train_recorded(fit, client, run_ids: list[str], cfgs: list[RunConfig], recs: list[RunRecorder],
-                    sink: MetricSink, writer: CheckpointWriter, on_killed=None) -> list[RunOutcome]:
+def _train_recorded(fit, client, cfgs: list[RunConfig], recs: list[RunRecorder], sink: MetricSink,
+                    writer: CheckpointWriter, on_killed=None) -> list[RunOutcome]:
     """Run ``fit()`` (one TrainResult per run) and end the runs: on Ctrl-C or SIGTERM every run's rows
     and checkpoints are written and the runs closed KILLED, on an error FAILED; otherwise written, closed
     and finished. A signal that comes while the last rows are written is raised again once the runs are
@@ -457,7 +458,7 @@ def _train_recorded(fit, client, run_ids: list[str], cfgs: list[RunConfig], recs
     interrupted = _drain(sink, writer)
     for r in recs:
         r.close()
-    outcomes = [finish_run(client, run_id, c, res) for run_id, c, res in zip(run_ids, cfgs, results)]
+    outcomes = [finish_run(client, r.run_id, c, res) for r, c, res in zip(recs, cfgs, results)]
     if interrupted:  # the runs were complete: they are recorded, then the interruption goes on
         raise KeyboardInterrupt
     return outcomes
@@ -494,7 +495,7 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
         last.bar = bar
     return _train_recorded(lambda: train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
                                                compile=compile),
-                           client, [run_id for run_id, _ in opened], cfgs, recs, sink, writer)
+                           client, cfgs, recs, sink, writer)
 
 
 __all__ = ["RunOutcome", "CheckpointWriter", "MetricSink", "run_config", "run_group", "prepare", "open_run", "start_run", "finish_run",

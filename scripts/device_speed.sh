@@ -27,6 +27,8 @@ if [ -n "${BENCH_VARIANTS:-}" ]; then
       | grep -v -i warn | tee -a "$LOG"
 fi
 for run in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
+  rm -rf "sweep-$run"  # a fresh store (ignored folders survive on a machine kept warm between calls)
+  [ "$run" = cold ] && rm -rf /tmp/inductor-sweep /tmp/triton-sweep
   t=$(date +%s.%N)
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep timeout "${SWEEP_TIMEOUT:-300}" \
       python3 -m scaling.cli sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$run/mlflow.db" \

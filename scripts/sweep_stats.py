@@ -23,7 +23,7 @@ from scaling import tracking  # noqa: E402
 
 def finished_runs(client, phase: str):
     exp = client.get_experiment_by_name(tracking.experiment_name(phase))
-    runs = client.search_runs([exp.experiment_id], max_results=10_000)
+    runs = tracking.search_runs(client, [exp.experiment_id])
     return [r for r in runs if r.info.status == "FINISHED" and r.info.run_name.startswith("B")
             and r.data.tags.get(tracking.TAG_SOURCE) == "sweep"]
 
@@ -33,9 +33,10 @@ def timeline(client, runs, prefix: str) -> dict:
     run = next(r for r in runs if r.info.run_name.startswith(prefix))
     ts = {m.step: m.timestamp for m in client.get_metric_history(run.info.run_id, "train_loss")}
     last = max(ts)
+    first = 50 if 50 in ts else min(ts)  # step 50 with the built-in phases' logging interval
     return {"span_s": (max(r.info.end_time for r in runs) - t0) / 1e3,
-            "to_step50_s": (ts[50] - t0) / 1e3,
-            "ms_per_step_50_to_last": (ts[last] - ts[50]) / (last - 50),
+            "to_step50_s": (ts[first] - t0) / 1e3,
+            "ms_per_step_50_to_last": (ts[last] - ts[first]) / max(last - first, 1),
             "ms_per_step_1050_1450": (ts[1450] - ts[1050]) / 400 if 1450 in ts and 1050 in ts else None}
 
 

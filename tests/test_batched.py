@@ -124,8 +124,8 @@ def assert_same_run(res_a, rec_a, res_b, rec_b, rel=REL, from_step=0):
 
 
 def test_compiled_block_scope_equals_eager(setup, batched):
-    """``compile=True`` (one compiled block reused for every layer, the CUDA default) trains the same runs
-    as the eager pass: fp32 on CPU, so only the generated kernels' summation order differs."""
+    """``compile=True, scope="block"`` (one compiled block reused for every layer) trains the same runs as
+    the eager pass: fp32 on CPU, so only the generated kernels' summation order differs."""
     _, corpus, cfgs = setup
     res_e, recs_e = batched
     res_c, recs_c = run_group(cfgs, corpus, compile=True, scope="block")

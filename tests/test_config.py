@@ -153,7 +153,7 @@ def test_cli_phases_lists_the_grids():
 # click's own usage errors: one line too
 
 
-def _usage_error_is_one_line(args, tmp_path=None):
+def _usage_error_is_one_line(args):
     from click.testing import CliRunner
 
     from scaling.cli import main
@@ -184,8 +184,11 @@ COMMANDS = ("train", "sweep", "search", "compare", "import", "phases")
 @settings(max_examples=40, deadline=None)
 @given(cmd=st.sampled_from(COMMANDS), name=st.from_regex(r"[a-z][a-z-]{1,14}[a-z]", fullmatch=True))
 def test_any_unknown_option_is_one_line(cmd, name):
+    import click
+
     from scaling.cli import main
-    known = {o for p in main.commands[cmd].params for o in (*p.opts, *p.secondary_opts)}
+    command = main.commands[cmd]
+    known = {o for p in command.get_params(click.Context(command)) for o in (*p.opts, *p.secondary_opts)}
     if f"--{name}" in known:
         return
     assert f"No such option '--{name}'" in _usage_error_is_one_line([cmd, f"--{name}"])
