@@ -13,6 +13,7 @@ if __name__ == "__main__":
     p.add_argument("--extend-factor", default="3")
     p.add_argument("--max-extensions", default="4")
     p.add_argument("--batch", default="4")
+    p.add_argument("--compile-mode", default="default")
     a = p.parse_args()
     argv = ["search", *phase_args(a), "--batch-sizes", a.batch_sizes, "--trials", str(number(a.trials, "trials")),
             "--sampler", a.sampler, "--pruner", a.pruner,
@@ -21,4 +22,5 @@ if __name__ == "__main__":
             "--batch", str(number(a.batch, "batch"))]
     optional(argv, "--storage", a.storage)
     optional(argv, "--study-name", a.study_name)
+    optional(argv, "--compile-mode", a.compile_mode)
     run(argv)

@@ -288,9 +288,19 @@ def _check_group(cfgs: list[RunConfig]) -> None:
 _COMPILED: dict = {}  # (what, mode/options) -> compiled callables, reused by every train_group of the process
 
 
+# inductor options added to a max-autotune mode: no tables of autotuning timings on stderr
+QUIET_AUTOTUNE = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
 def _compile_kwargs(compile: bool | str | dict) -> dict:
     if isinstance(compile, dict):
         return {"options": dict(compile)}
+    if isinstance(compile, str) and compile.startswith("max-autotune"):
+        import torch._inductor as inductor
+        import torch._inductor.config as inductor_config
+        known = inductor_config.get_config_copy()
+        return {"options": {**inductor.list_mode_options(compile),
+                            **{k: v for k, v in QUIET_AUTOTUNE.items() if k in known}}}
     return {"mode": None if compile is True else compile}
 
 
@@ -372,7 +382,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     "flash", "efficient", "cudnn", "math"), or "auto" (default): flex when compiling on CUDA — measured
     the fastest there (docs/performance.md) —, else "default".
     Evaluations use the SDPA backends other than cuDNN whatever ``attention`` says (the eager evaluation
-    of 20 models took 560–611 ms with cuDNN, 212–266 ms without on an H100, docs/performance.md).
+    of 20 models took 560–611 ms with cuDNN, 212–266 ms without on an H100, docs/performance.md), or
+    FlexAttention; with ``scope="graph"`` the evaluation's forward is compiled too (default mode).
     cuda_graph: "on" records the whole training step (batch gather, forward, backward, clip, AdamW,
     statistics) as one CUDA graph after the first ticks of each pass and replays it every step: no
     kernel launches from Python, and the threads that log and checkpoint beside it no longer slow the
@@ -381,7 +392,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     fp32 elsewhere, as train.py), "fp32" or "bf16". timings: if a dict is given it is filled with
     ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
     the first ticks after each build of the pass, synchronised: compile time lands there), ``eval_s``,
-    ``builds`` (how many times the pass was built).
+    ``evals`` (seconds of each evaluation; a compiled one's first holds its compile), ``builds`` (how
+    many times the pass was built).
     """
     cfgs = list(cfgs)
     K = len(cfgs)
@@ -599,16 +611,30 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         ps.fpos[:, mb.row] = Wmax
 
     # --- evaluation ----------------------------------------------------------------------------------
+    def eval_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return stacked_slot_losses(W, x, y, mc, attend=attend if whole else _sdpa_causal)
+
+    # with the whole pass compiled (scope "graph") the evaluation's forward is compiled too, in the default
+    # mode (autotuning it cost a minute of compile for ~0.1 s per sweep), for all K models at once
+    # whichever of them evaluate (one shape, one compile; eager it took 0.2-0.3 s per evaluation of 20
+    # models on an H100, compiled ~0.1 s, docs/performance.md)
+    eval_fn = torch.compile(eval_losses, dynamic=False) if whole else eval_losses
+
     @torch.no_grad()
     def evaluate_rows(rows: list[int]) -> list[float]:
-        idx = torch.tensor(rows, device=device)
-        W = {n: p.detach().index_select(0, idx) for n, p in zip(names, params)}
-        tot = torch.zeros(len(rows), device=device)
+        if whole:
+            W = {n: p.detach() for n, p in zip(names, params)}
+        else:
+            idx = torch.tensor(rows, device=device)
+            W = {n: p.detach().index_select(0, idx) for n, p in zip(names, params)}
+        M = len(next(iter(W.values())))
+        tot = torch.zeros(M, device=device)
         for x, y in val_set:
-            xe, ye = x.expand(len(rows), *x.shape), y.expand(len(rows), *y.shape)
+            xe, ye = x.expand(M, *x.shape), y.expand(M, *y.shape)
             with autocast(), eval_attention(device):
-                tot += stacked_slot_losses(W, xe, ye, mc)
-        return (tot / len(val_set)).tolist()
+                tot += eval_fn(W, xe, ye)
+        vals = (tot / len(val_set)).tolist()
+        return [vals[r] for r in rows] if whole else vals
 
     def state_of(mb: _Member) -> dict[str, Any]:
         """Model k's checkpoint state in train.py's format. Its tensors are live views of the group's
@@ -679,7 +705,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         return out
 
     # --- the loop ------------------------------------------------------------------------------------
-    tm = {"ticks": 0, "warm": [], "eval_s": 0.0, "builds": 0, "setup_s": time.perf_counter() - t_start}
+    tm = {"ticks": 0, "warm": [], "eval_s": 0.0, "evals": [], "builds": 0, "setup_s": time.perf_counter() - t_start}
     ps: Pass | None = None
     for mb in members:
         mb.t_last = time.perf_counter()
@@ -740,7 +766,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
             if evaluating:
                 te = time.perf_counter()
                 vals = evaluate_rows([mb.row for mb in evaluating])
-                tm["eval_s"] += time.perf_counter() - te
+                tm["evals"].append(time.perf_counter() - te)
+                tm["eval_s"] += tm["evals"][-1]
                 for mb, val in zip(evaluating, vals):
                     mb.val_history.append((mb.step, val))
                     try:

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from scaling.config import ConfigError
+from scaling.config import COMPILE_MODES, ConfigError
 
 
 def _comma_list(convert, what: str):
@@ -43,6 +43,18 @@ def _clip_value(ctx, param, value):
     if len(v) != 1:
         raise click.BadParameter(f"expected one threshold or 'none', got {value!r}")
     return v[0]
+
+
+COMPILE_MODE = click.option(
+    "--compile-mode", type=click.Choice(list(COMPILE_MODES)), default="default", show_default=True,
+    envvar="SCALING_COMPILE_MODE", help="torch.compile mode of the batched step (env SCALING_COMPILE_MODE): "
+    "max-autotune also autotunes the matmul, pointwise and attention kernels: faster steps, minutes more "
+    "compile the first time a grid's shapes are seen (docs/performance.md).")
+
+
+def _compile_arg(on: bool, mode: str):
+    """train_group's ``compile`` argument: False, or the mode's (COMPILE_MODES)."""
+    return COMPILE_MODES[mode] if on else False
 
 
 # Options shared by the commands that train.
@@ -235,9 +247,10 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
                    "CUDA, 1 on CPU).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the batched step (default: on CUDA).")
+@COMPILE_MODE
 def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
           checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, lrs, clips, seeds, workers,
-          storage, retry_failed, sweep_name, group_size, compile_):
+          storage, retry_failed, sweep_name, group_size, compile_, compile_mode):
     """Run a phase's whole grid: one MLflow parent run, one child per config; resumable, parallel."""
     from scaling.sweep import run_sweep
     from scaling.train import resolve_device
@@ -252,7 +265,7 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
                         tracking_uri=tracking_uri, storage=storage, workers=workers, retry_failed=retry_failed,
                         progress=not quiet, sweep_name=sweep_name,
                         group_size=group_size or (len(phase.grid_points()) if on_cuda else 1),
-                        compile=on_cuda if compile_ is None else compile_)
+                        compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode))
     for line in summary.lines():
         click.echo(line)
     if summary.count("FAILED"):
@@ -280,9 +293,11 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
               help="Train the --batch trials asked at a time together in one batched pass (default: on CUDA).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the batched step "
               "(default: on CUDA).")
+@COMPILE_MODE
 def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
            checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, trials, sampler, pruner,
-           storage, study_name, extend_factor, margin, max_extensions, batch, sampler_seed, group, compile_):
+           storage, study_name, extend_factor, margin, max_extensions, batch, sampler_seed, group, compile_,
+           compile_mode):
     """Optuna search over log(LR) per batch size, extending past the grid's edge until bracketed."""
     from scaling.search import run_search
     from scaling.train import resolve_device
@@ -297,7 +312,7 @@ def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_ba
                          max_extensions=max_extensions, batch=batch, device=device, data_dir=data_dir,
                          splits=parse_splits(splits), tracking_uri=tracking_uri, seed=sampler_seed,
                          progress=not quiet, group=on_cuda if group is None else group,
-                         compile=on_cuda if compile_ is None else compile_)
+                         compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode))
     for line in summary.lines():
         click.echo(line)
 

@@ -30,6 +30,9 @@ DATASETS = ("wikitext2", "random")
 SCHEDULES = ("constant", "cosine")
 BUDGET_KINDS = ("steps", "tokens", "flops")
 SPLITS = ("train", "valid", "test")
+# `--compile-mode` of the batched engine → the ``compile`` argument of scaling.batched.train_group:
+# max-autotune without inductor's own CUDA graphs, since train_group records the whole step itself
+COMPILE_MODES = {"default": True, "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,15 @@ def positive_int(name: str, x) -> None:
 def clip_text(clip: float | None) -> str:
     """A clip threshold as run names, labels and parameters spell it: "none" or the number (``%g``)."""
     return "none" if clip is None else f"{clip:g}"
+
+
+def compile_text(compile) -> str:
+    """train_group's ``compile`` argument as the ``scaling.compile`` tag spells it: off, a COMPILE_MODES
+    name, or the argument itself."""
+    if compile is False:
+        return "off"
+    names = [k for k, v in COMPILE_MODES.items() if type(v) is type(compile) and v == compile]
+    return names[0] if names else str(compile)
 
 
 def _positive(name: str, x) -> None:

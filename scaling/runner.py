@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from scaling import tracking
-from scaling.config import ConfigError, RunConfig, clip_text
+from scaling.config import ConfigError, RunConfig, clip_text, compile_text
 from scaling.data import Corpus, load_corpus
 from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
 
@@ -177,6 +177,7 @@ class CheckpointWriter(_Worker):
 
     def __init__(self, client, max_pending: int = 64):
         self.client = client
+        self.lost: dict[str, str] = {}  # run id → why a checkpoint of it was not written
         super().__init__(max_pending)
 
     def put(self, run_id: str, state: dict) -> None:
@@ -194,6 +195,8 @@ class CheckpointWriter(_Worker):
                     save_checkpoint(self.client, item[0], _unpack(*item[1]))
                 except Exception as e:
                     self.error = e
+            if self.error is not None:  # this one and every later one are lost
+                self.lost.setdefault(item[0], f"{type(self.error).__name__}: {str(self.error).splitlines()[0][:200]}")
 
 
 class _Terminated(BaseException):
@@ -315,8 +318,11 @@ def save_checkpoint(client, run_id: str, state: dict) -> None:
         tracking.with_retry(client.log_artifact, run_id, str(p), "checkpoints")
 
 
-def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunOutcome:
-    """Summary metrics, tags and terminal status of a trained run."""
+def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult,
+               checkpoint_lost: str | None = None) -> RunOutcome:
+    """Summary metrics, tags and terminal status of a trained run. ``checkpoint_lost`` (why a checkpoint
+    of it could not be written): a run that trained to the end is FAILED all the same (its metrics stay,
+    with the reason in the tag ``scaling.error``), as it is when a write fails while it trains."""
     s = result.summary
     diverged = result.status == "DIVERGED"
     converged = result.status == "FINISHED" and math.isfinite(s.get("final_val_loss", float("nan")))
@@ -329,6 +335,9 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult) -> RunO
                                        "pruned": str(result.status == "PRUNED").lower()})
     tracking.log_params(client, run_id, {"n_params": result.n_params, "converged": converged})
     status = "FINISHED" if result.status == "FINISHED" else ("KILLED" if result.status == "PRUNED" else "FAILED")
+    if checkpoint_lost and status == "FINISHED":
+        status = "FAILED"
+        tracking.set_tags(client, run_id, {tracking.TAG_ERROR: f"checkpoint not written ({checkpoint_lost})"})
     tracking.with_retry(client.set_terminated, run_id, status)
     return RunOutcome(run_id=run_id, status=status, diverged=diverged, summary=s, config=cfg,
                       pruned=result.status == "PRUNED")
@@ -458,7 +467,8 @@ def _train_recorded(fit, client, cfgs: list[RunConfig], recs: list[RunRecorder],
     interrupted = _drain(sink, writer)
     for r in recs:
         r.close()
-    outcomes = [finish_run(client, r.run_id, c, res) for r, c, res in zip(recs, cfgs, results)]
+    outcomes = [finish_run(client, r.run_id, c, res, writer.lost.get(r.run_id))
+                for r, c, res in zip(recs, cfgs, results)]
     if interrupted:  # the runs were complete: they are recorded, then the interruption goes on
         raise KeyboardInterrupt
     return outcomes
@@ -467,18 +477,19 @@ def _train_recorded(fit, client, cfgs: list[RunConfig], recs: list[RunRecorder],
 def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracking_uri=None,
               resume_run_ids: list[str | None] | None = None, progress: bool = True, source: str = "sweep",
               parent_run_id: str | None = None, extra_tags: list[dict] | None = None, on_evals=None,
-              prepared=None, compile: bool = False) -> list[RunOutcome]:
+              prepared=None, compile: bool | str = False) -> list[RunOutcome]:
     """Train several configurations of one phase together (``scaling.batched``), one MLflow run each.
 
-    Same records per run as :func:`run_config`; the configs share the corpus, so for random-token data
-    they must share the seed.
+    Same records per run as :func:`run_config`, plus the tag ``scaling.compile`` (``compile`` is
+    train_group's argument: False, True or a mode of ``config.COMPILE_MODES``); the configs share the
+    corpus, so for random-token data they must share the seed.
     """
     from scaling.batched import train_group
 
     n = len(cfgs)
     client, dev, corpus = prepared or prepare(cfgs[0], data_dir, tracking_uri, device)
     resume_run_ids = resume_run_ids or [None] * n
-    extra_tags = extra_tags or [None] * n
+    extra_tags = [{**(t or {}), tracking.TAG_COMPILE: compile_text(compile)} for t in (extra_tags or [None] * n)]
     on_evals = on_evals or [None] * n
     opened = [open_run(client, c, corpus, dev, resume_run_id=r, source=source, parent_run_id=parent_run_id,
                        extra_tags=t) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]

@@ -442,7 +442,7 @@ class SweepContext:
     session_start_ms: int
     progress: bool = False
     group_size: int = 1  # > 1: configs trained together by train_grouped
-    compile: bool = False  # torch.compile the batched step (train_grouped)
+    compile: bool | str = False  # train_group's compile argument (config.COMPILE_MODES)
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     stale_after: float = STALE_AFTER_S
     poll_interval: float = POLL_INTERVAL_S
@@ -576,7 +576,7 @@ def _failed(item: WorkItem, e: Exception, ctx: SweepContext) -> WorkResult:
         try:
             client = tracking.connect(ctx.tracking_uri, check=False)
             if client.get_run(item.resume_run_id).info.status in ("RUNNING", "KILLED", "SCHEDULED"):
-                tracking.set_tags(client, item.resume_run_id, {"scaling.error": f"{type(e).__name__}: {e}"[:500]})
+                tracking.set_tags(client, item.resume_run_id, {tracking.TAG_ERROR: f"{type(e).__name__}: {e}"[:500]})
                 tracking.with_retry(client.set_terminated, item.resume_run_id, "FAILED")
         except Exception:
             pass
@@ -714,12 +714,12 @@ class SweepSummary:
 def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tuple[str, str] = ("train", "valid"),
               tracking_uri: str | None = None, storage: str | None = None, workers: int = 1,
               retry_failed: bool = False, progress: bool = True, sweep_name: str | None = None,
-              engine: Engine | None = None, group_size: int = 1, compile: bool = False,
+              engine: Engine | None = None, group_size: int = 1, compile: bool | str = False,
               heartbeat_interval: float = HEARTBEAT_INTERVAL_S, stale_after: float = STALE_AFTER_S) -> SweepSummary:
     """Run (or resume) the phase's whole grid; return where every configuration stands.
 
     ``group_size`` > 1 trains up to that many claimed configs together in one pass (the batched
-    engine, :func:`train_grouped`; ``compile`` compiles its step), per worker.
+    engine, :func:`train_grouped`; ``compile``: False, True or a mode of ``config.COMPILE_MODES``), per worker.
     """
     from scaling import runner
 

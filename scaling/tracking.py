@@ -33,6 +33,8 @@ TAG_DIVERGED = "diverged"  # "true" / "false"
 TAG_CONVERGED = "converged"
 TAG_LEARNED = "learned"  # "true" / "false" / "unknown"
 TAG_OWNER = "scaling.owner"  # host:pid of the process training it (for stale-run detection)
+TAG_ERROR = "scaling.error"  # why a run FAILED without diverging (an error, a checkpoint not written)
+TAG_COMPILE = "scaling.compile"  # batched runs: off | default | max-autotune (how the step was compiled)
 
 
 class TrackingError(ConfigError):

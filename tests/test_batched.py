@@ -133,6 +133,16 @@ def test_compiled_block_scope_equals_eager(setup, batched):
         assert_same_run(re_, rce, rc, rcc, rel=1e-3)
 
 
+def test_compiled_graph_equals_eager(setup, batched):
+    """``compile=True`` with the whole pass compiled (scope "graph", the default: the product's path on a
+    GPU), its evaluations compiled too, trains the same runs as the eager pass: fp32 on CPU."""
+    _, corpus, cfgs = setup
+    res_e, recs_e = batched
+    res_c, recs_c = run_group(cfgs, corpus, compile=True)
+    for re_, rce, rc, rcc in zip(res_e, recs_e, res_c, recs_c):
+        assert_same_run(re_, rce, rc, rcc, rel=1e-3)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (run on the device machine, docs/performance.md)")
 

@@ -31,3 +31,29 @@ def test_writer_snapshots_keeps_order_and_drains(tmp_path):
         assert state["step"] == 5  # the newest one, not one written out of order
         assert torch.equal(state["model"]["w"], torch.full((3, 4), 5.0))  # the value at hand-over
         assert float(state["nested"][0]) == 60.0 and int(state["nested"][1]["s"]) == 5
+
+
+def test_a_run_whose_last_checkpoint_is_lost_ends_failed(tmp_path, tiny_random_phase, monkeypatch):
+    """The final checkpoint is written after training, in the background: if it cannot be written the run
+    is FAILED (its metrics kept, the reason in ``scaling.error``), as a failed write while it trains
+    fails it — not FINISHED with only a warning."""
+    from scaling import runner
+    from scaling.config import load_phase
+
+    shutil.copy(migrated_empty_store(), tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_phase(phase_file=tiny_random_phase).run_config(4, 1e-3)
+    real = runner.save_checkpoint
+
+    def full_disk_at_the_end(client, run_id, state):
+        if state["step"] == cfg.steps:
+            raise OSError("No space left on device")
+        real(client, run_id, state)
+
+    monkeypatch.setattr(runner, "save_checkpoint", full_disk_at_the_end)
+    out = runner.run_config(cfg, device="cpu", tracking_uri=uri, progress=False)
+    run = tracking.connect(uri).get_run(out.run_id)
+    assert out.status == "FAILED" and run.info.status == "FAILED" and not out.diverged
+    assert "No space left on device" in run.data.tags["scaling.error"]
+    assert "final_val_loss" in run.data.metrics
+    assert load_checkpoint(tracking.connect(uri), out.run_id)["step"] == 10  # the one before it stays

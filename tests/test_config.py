@@ -170,12 +170,35 @@ def _usage_error_is_one_line(args):
     (["train", "--phase", "2_5", "--batch-size", "1.5", "--lr", "0.1"], "Invalid value for '--batch-size'"),
     (["train", "--phase", "2_5", "--lr", "0.1"], "Missing option '--batch-size'"),
     (["sweep", "--device", "tpu"], "Invalid value for '--device'"),
+    (["sweep", "--compile-mode", "fast"], "Invalid value for '--compile-mode'"),
+    (["search", "--batch-sizes", "8", "--compile-mode", "max"], "Invalid value for '--compile-mode'"),
     (["compare", "--phases"], "'--phases' requires an argument"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ])
 def test_click_usage_errors_are_one_line(args, needle):
     line = _usage_error_is_one_line(args)
     assert needle in line
+
+
+def test_compile_mode_from_the_environment_is_checked_too(monkeypatch):
+    monkeypatch.setenv("SCALING_COMPILE_MODE", "fastest")
+    assert "Invalid value for '--compile-mode'" in _usage_error_is_one_line(["sweep", "--phase", "2_5"])
+
+
+def test_compile_modes_are_valid_torch_compile_arguments():
+    """Each --compile-mode gives train_group a compile argument torch.compile accepts (options are
+    checked when the wrapper is made, before anything compiles), and the tag names it back."""
+    import torch
+
+    from scaling.batched import _compile_kwargs
+    from scaling.cli import _compile_arg
+    from scaling.config import COMPILE_MODES, compile_text
+    for mode in COMPILE_MODES:
+        arg = _compile_arg(True, mode)
+        torch.compile(lambda x: x + 1, dynamic=False, **_compile_kwargs(arg))
+        assert compile_text(arg) == mode
+    assert _compile_arg(False, "max-autotune") is False and compile_text(False) == "off"
+    assert _compile_kwargs(_compile_arg(True, "max-autotune"))["options"]["max_autotune"] is True
 
 
 COMMANDS = ("train", "sweep", "search", "compare", "import", "phases")

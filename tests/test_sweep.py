@@ -243,7 +243,7 @@ def test_a_claimed_group_can_be_trained_in_one_pass_by_the_batched_engine(tmp_pa
     parents, children = phase_runs(uri)
     assert len(parents) == 1 and len(children) == 4
     assert all(c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-               for c in children)
+               and c.data.tags["scaling.compile"] == "off" for c in children)
     assert rerun(tiny_random_phase, uri, storage).trained_now == 0  # the sequential engine sees them done
 
 
