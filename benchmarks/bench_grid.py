@@ -271,9 +271,9 @@ class Bench:
         steady_s = wall - warm - tm["eval_s"] - tm.get("setup_s", 0.0)
         tick_s = steady_s / max(steady_ticks, 1)
         # a compiled evaluation compiles in its first call: that one's excess over the others is compile time
-        evals = tm["evals"]
+        evals = tm["evals"] or [0.0]  # none if every model stopped before the first evaluation
         eval_each = statistics.mean(evals[1:]) if len(evals) > 1 else evals[0]
-        eval_compile_s = evals[0] - eval_each
+        eval_compile_s = max(0.0, evals[0] - eval_each) if kw["compile"] and kw["scope"] == "graph" else 0.0
         compile_s = max(0.0, warm - WARM_TICKS * tick_s) + eval_compile_s
         seqs = sum(c.batch_size for c in cfgs)
         tokens_per_tick = seqs * self.phase.model.context_length

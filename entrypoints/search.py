@@ -13,7 +13,7 @@ if __name__ == "__main__":
     p.add_argument("--extend-factor", default="3")
     p.add_argument("--max-extensions", default="4")
     p.add_argument("--batch", default="4")
-    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--compile-mode", default="")
     a = p.parse_args()
     argv = ["search", *phase_args(a), "--batch-sizes", a.batch_sizes, "--trials", str(number(a.trials, "trials")),
             "--sampler", a.sampler, "--pruner", a.pruner,

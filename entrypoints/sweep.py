@@ -10,7 +10,7 @@ if __name__ == "__main__":
     p.add_argument("--batch-sizes", default="")
     p.add_argument("--lrs", default="")
     p.add_argument("--clips", default="")
-    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--compile-mode", default="")
     a = p.parse_args()
     argv = ["sweep", *phase_args(a), "--workers", str(number(a.workers, "workers"))]
     for option, value in (("--storage", a.storage), ("--batch-sizes", a.batch_sizes), ("--lrs", a.lrs)):

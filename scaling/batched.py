@@ -349,7 +349,8 @@ def attention_backend(name: str, device: torch.device):
 
 
 def eval_attention(device: torch.device):
-    """The SDPA backends of the (eager) evaluation pass on CUDA: any but cuDNN."""
+    """The SDPA backends of the evaluation pass on CUDA (eager, or compiled with an SDPA attention): any
+    but cuDNN."""
     if device.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -616,7 +617,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
 
     # with the whole pass compiled (scope "graph") the evaluation's forward is compiled too, in the default
     # mode (autotuning it cost a minute of compile for ~0.1 s per sweep), for all K models at once
-    # whichever of them evaluate (one shape, one compile; eager it took 0.2-0.3 s per evaluation of 20
+    # whichever of them evaluate (one shape, one compile; eager it took 0.21-0.27 s per evaluation of 20
     # models on an H100, compiled ~0.1 s, docs/performance.md)
     eval_fn = torch.compile(eval_losses, dynamic=False) if whole else eval_losses
 

@@ -26,6 +26,13 @@ class ConfigError(ValueError):
     """Bad user input: printed as one line, exit code 2, nothing created."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message as one line for a one-line report: its first line, or its type's name when
+    it has no message (``OSError()``)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 DATASETS = ("wikitext2", "random")
 SCHEDULES = ("constant", "cosine")
 BUDGET_KINDS = ("steps", "tokens", "flops")
@@ -249,7 +256,7 @@ def load_phase(name: str | None = None, phase_file: str | Path | None = None) ->
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{source}: not valid YAML ({first_line(e, 10_000)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of phase fields, got {type(raw).__name__}")
     if phase_file is None:

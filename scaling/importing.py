@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, load_phase
+from scaling.config import ConfigError, Phase, first_line, load_phase
 
 TAG_IMPORT_KEY = "scaling.import_key"
 TAG_IMPORT_FILE = "import_file"
@@ -261,8 +261,7 @@ def import_table(path: str | Path, phase: str | None = None, tracking_uri: str |
                 pass
         if isinstance(e, ConfigError):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise tracking.TrackingError(f"import failed, nothing imported: {first[:200]}") from None
+        raise tracking.TrackingError(f"import failed, nothing imported: {first_line(e)}") from None
     summary.created = len(created)
     summary.run_ids = created
     return summary

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from scaling import analysis, tracking
-from scaling.config import ConfigError, builtin_phase_names
+from scaling.config import ConfigError, builtin_phase_names, first_line
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -213,8 +213,7 @@ def _log_comparison(client, report: dict[str, Any], d: Path) -> str:
             client.set_terminated(run_id, "FAILED")
         except Exception:
             pass
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise tracking.TrackingError(f"could not record the comparison run in MLflow: {first[:200]}") from None
+        raise tracking.TrackingError(f"could not record the comparison run in MLflow: {first_line(e)}") from None
     return run_id
 
 

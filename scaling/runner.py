@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from scaling import tracking
-from scaling.config import ConfigError, RunConfig, clip_text, compile_text
+from scaling.config import ConfigError, RunConfig, clip_text, compile_text, first_line
 from scaling.data import Corpus, load_corpus
 from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
 
@@ -74,7 +74,7 @@ class _Worker:
         self.q.put(None)
         self.thread.join()
         if self.error is not None:
-            print(f"warning: {self.failure} ({str(self.error).splitlines()[0][:200]})", file=sys.stderr)
+            print(f"warning: {self.failure} ({first_line(self.error)})", file=sys.stderr)
 
 
 class MetricSink(_Worker):
@@ -196,7 +196,8 @@ class CheckpointWriter(_Worker):
                 except Exception as e:
                     self.error = e
             if self.error is not None:  # this one and every later one are lost
-                self.lost.setdefault(item[0], f"{type(self.error).__name__}: {str(self.error).splitlines()[0][:200]}")
+                e = self.error
+                self.lost.setdefault(item[0], type(e).__name__ + (f": {first_line(e)}" if str(e).strip() else ""))
 
 
 class _Terminated(BaseException):
@@ -305,7 +306,7 @@ def load_checkpoint(client, run_id: str) -> dict | None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            print(f"run {run_id}: its checkpoint cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            print(f"run {run_id}: its checkpoint cannot be read ({type(e).__name__}: {first_line(e, 120)}); "
                   "training it again from step 0", file=sys.stderr)
             return None
     return state if isinstance(state, dict) and "step" in state else None
@@ -320,9 +321,10 @@ def save_checkpoint(client, run_id: str, state: dict) -> None:
 
 def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult,
                checkpoint_lost: str | None = None) -> RunOutcome:
-    """Summary metrics, tags and terminal status of a trained run. ``checkpoint_lost`` (why a checkpoint
-    of it could not be written): a run that trained to the end is FAILED all the same (its metrics stay,
-    with the reason in the tag ``scaling.error``), as it is when a write fails while it trains."""
+    """Summary metrics, tags and terminal status of a trained run. ``checkpoint_lost``: why a checkpoint of
+    it could not be written after its last step (a write that fails while it trains fails the run). Its
+    results stand, so it stays FINISHED, but the reason goes into the tag ``scaling.checkpoint_lost`` and
+    onto stderr with the run's id: its artifacts lack the final state."""
     s = result.summary
     diverged = result.status == "DIVERGED"
     converged = result.status == "FINISHED" and math.isfinite(s.get("final_val_loss", float("nan")))
@@ -335,9 +337,9 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult,
                                        "pruned": str(result.status == "PRUNED").lower()})
     tracking.log_params(client, run_id, {"n_params": result.n_params, "converged": converged})
     status = "FINISHED" if result.status == "FINISHED" else ("KILLED" if result.status == "PRUNED" else "FAILED")
-    if checkpoint_lost and status == "FINISHED":
-        status = "FAILED"
-        tracking.set_tags(client, run_id, {tracking.TAG_ERROR: f"checkpoint not written ({checkpoint_lost})"})
+    if checkpoint_lost:
+        tracking.set_tags(client, run_id, {tracking.TAG_CHECKPOINT_LOST: checkpoint_lost})
+        print(f"warning: run {run_id}: its last checkpoint was not written ({checkpoint_lost})", file=sys.stderr)
     tracking.with_retry(client.set_terminated, run_id, status)
     return RunOutcome(run_id=run_id, status=status, diverged=diverged, summary=s, config=cfg,
                       pruned=result.status == "PRUNED")
@@ -481,8 +483,9 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
     """Train several configurations of one phase together (``scaling.batched``), one MLflow run each.
 
     Same records per run as :func:`run_config`, plus the tag ``scaling.compile`` (``compile`` is
-    train_group's argument: False, True or a mode of ``config.COMPILE_MODES``); the configs share the
-    corpus, so for random-token data they must share the seed.
+    train_group's argument: False, True or a mode of ``config.COMPILE_MODES``; a resumed run gets the
+    mode of its latest session); the configs share the corpus, so for random-token data they must share
+    the seed.
     """
     from scaling.batched import train_group
 
@@ -493,6 +496,9 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
     on_evals = on_evals or [None] * n
     opened = [open_run(client, c, corpus, dev, resume_run_id=r, source=source, parent_run_id=parent_run_id,
                        extra_tags=t) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
+    for (run_id, _), r in zip(opened, resume_run_ids):
+        if r:  # a resumed run: how its remaining steps are compiled
+            tracking.set_tags(client, run_id, {tracking.TAG_COMPILE: compile_text(compile)})
     corpus.to(dev)
     sink, writer = MetricSink(client), CheckpointWriter(client)  # one thread each for the whole group
     recs = [RunRecorder(client, run_id, sink, writer, None, ev, resumed=bool(r))

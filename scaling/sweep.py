@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, RunConfig, clip_text, positive_int
+from scaling.config import ConfigError, Phase, RunConfig, clip_text, first_line, positive_int
 
 TAG_SWEEP_ID = "scaling.sweep_id"
 TAG_SEARCH_ID = "scaling.search_id"  # a search's parent run (scaling.search) and its trials
@@ -69,7 +69,7 @@ def check_storage_url(url: str) -> str:
         u.get_dialect()
     except Exception as e:
         raise ConfigError(f"--storage must be a database URL such as sqlite:///mlruns/sweeps.db or "
-                          f"postgresql://user@host/db, got {url!r} ({str(e).splitlines()[0][:120]})") from None
+                          f"postgresql://user@host/db, got {url!r} ({first_line(e, 120)})") from None
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
         Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return url
@@ -108,7 +108,7 @@ class ClaimStore:
         try:
             self.engine = sa.create_engine(url, **kwargs)
         except Exception as e:
-            raise ConfigError(f"cannot open storage {safe_url(url)!r}: {str(e).splitlines()[0][:200]}") from None
+            raise ConfigError(f"cannot open storage {safe_url(url)!r}: {first_line(e)}") from None
         md = sa.MetaData()
         self.parents = sa.Table(
             "scaling_parents", md,
@@ -136,7 +136,7 @@ class ClaimStore:
             except Exception as e:
                 if attempt == 9:
                     raise ConfigError(f"cannot use storage {safe_url(url)!r}: "
-                                      f"{str(e).strip().splitlines()[0][:200]}") from None
+                                      f"{first_line(e)}") from None
                 time.sleep(0.1 * (attempt + 1))
 
     def _write(self, stmt) -> int:
@@ -246,7 +246,7 @@ class Heartbeat:
             try:
                 self.store.heartbeat(self.owner)
             except Exception as e:  # a missed beat is not fatal; stale_after is generous
-                print(f"warning: sweep heartbeat failed ({str(e).splitlines()[0][:120]})", file=sys.stderr)
+                print(f"warning: sweep heartbeat failed ({first_line(e, 120)})", file=sys.stderr)
 
     def stop(self) -> None:
         self._stop.set()
@@ -401,7 +401,7 @@ def link_launcher_run(client, kind: str, key: str, parent_run_id: str) -> str | 
             "mlflow.note.content": f"`mlflow run` launcher of {kind} {key}: results are in parent run "
                                    f"{parent_run_id} and its child runs."})
     except Exception as e:
-        print(f"warning: could not tag the mlflow-run run {launcher} ({str(e).splitlines()[0][:120]})",
+        print(f"warning: could not tag the mlflow-run run {launcher} ({first_line(e, 120)})",
               file=sys.stderr)
     return launcher
 
@@ -570,7 +570,7 @@ def train_grouped(items: list[WorkItem], ctx: SweepContext, prepared: dict) -> l
 def _failed(item: WorkItem, e: Exception, ctx: SweepContext) -> WorkResult:
     """Report a failure; a run that failed before training started (e.g. a bad checkpoint) is made FAILED,
     so it is not resumed again and again but waits for ``--retry-failed`` (which starts a fresh run)."""
-    print(f"error: {label(item.cfg)} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+    print(f"error: {label(item.cfg)} failed: {type(e).__name__}: {first_line(e, 300)}",
           file=sys.stderr)
     if item.resume_run_id:
         try:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlruns/artifacts"
@@ -33,7 +33,8 @@ TAG_DIVERGED = "diverged"  # "true" / "false"
 TAG_CONVERGED = "converged"
 TAG_LEARNED = "learned"  # "true" / "false" / "unknown"
 TAG_OWNER = "scaling.owner"  # host:pid of the process training it (for stale-run detection)
-TAG_ERROR = "scaling.error"  # why a run FAILED without diverging (an error, a checkpoint not written)
+TAG_ERROR = "scaling.error"  # why a run FAILED without diverging
+TAG_CHECKPOINT_LOST = "scaling.checkpoint_lost"  # why a run's last checkpoint was not written (run FINISHED)
 TAG_COMPILE = "scaling.compile"  # batched runs: off | default | max-autotune (how the step was compiled)
 
 
@@ -82,8 +83,7 @@ def connect(uri: str | None = None, check: bool = True):
         try:
             client.search_experiments(max_results=1)
         except Exception as e:  # any failure to reach the store is the user's to fix
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrackingError(f"cannot reach the MLflow tracking store {uri!r}: {first[:200]}") from None
+            raise TrackingError(f"cannot reach the MLflow tracking store {uri!r}: {first_line(e)}") from None
     return client
 
 

@@ -133,12 +133,15 @@ def test_compiled_block_scope_equals_eager(setup, batched):
         assert_same_run(re_, rce, rc, rcc, rel=1e-3)
 
 
-def test_compiled_graph_equals_eager(setup, batched):
+def test_compiled_graph_equals_eager(setup):
     """``compile=True`` with the whole pass compiled (scope "graph", the default: the product's path on a
-    GPU), its evaluations compiled too, trains the same runs as the eager pass: fp32 on CPU."""
+    GPU) and its evaluations compiled too (all models at once, the evaluating ones picked out) trains the
+    same runs as the eager pass, fp32 on CPU — also after the first model is pruned at step 10, when the
+    rows that evaluate are the 2nd and 3rd."""
     _, corpus, cfgs = setup
-    res_e, recs_e = batched
-    res_c, recs_c = run_group(cfgs, corpus, compile=True)
+    res_e, recs_e = run_group(cfgs, corpus, [Recorder(prune_at=10), Recorder(), Recorder()])
+    res_c, recs_c = run_group(cfgs, corpus, [Recorder(prune_at=10), Recorder(), Recorder()], compile=True)
+    assert res_c[0].status == "PRUNED" and [s for s, _ in recs_c[2].evals] == [10, 20, 30]
     for re_, rce, rc, rcc in zip(res_e, recs_e, res_c, recs_c):
         assert_same_run(re_, rce, rc, rcc, rel=1e-3)
 
