@@ -52,8 +52,13 @@ COMPILE_MODE = click.option(
     "compile the first time a grid's shapes are seen (docs/performance.md).")
 
 
-def _compile_arg(on: bool, mode: str):
-    """train_group's ``compile`` argument: False, or the mode's (COMPILE_MODES)."""
+def _compile_arg(on: bool, mode: str, batched: bool = True):
+    """train_group's ``compile`` argument: False, or the mode's (COMPILE_MODES). A mode other than the
+    default that cannot apply (nothing compiled, or no batched pass) is said on stderr, not dropped silently."""
+    if mode != "default" and not (on and batched):
+        why = ("the step is not compiled (--no-compile, or a CPU without --compile)" if not on else
+               "configurations train one at a time (--group-size 1 / --no-group)")
+        click.echo(f"note: --compile-mode {mode} has no effect: {why}", err=True)
     return COMPILE_MODES[mode] if on else False
 
 
@@ -261,11 +266,12 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
                                       eval_interval=eval_interval, eval_batches=eval_batches,
                                       log_interval=log_interval, checkpoint_every=checkpoint_every,
                                       batch_sizes=batch_sizes, lrs=lrs, clips=clips, seeds=seeds)
+    group_size = group_size or (len(phase.grid_points()) if on_cuda else 1)
     summary = run_sweep(phase, device=device, data_dir=data_dir, splits=parse_splits(splits),
                         tracking_uri=tracking_uri, storage=storage, workers=workers, retry_failed=retry_failed,
-                        progress=not quiet, sweep_name=sweep_name,
-                        group_size=group_size or (len(phase.grid_points()) if on_cuda else 1),
-                        compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode))
+                        progress=not quiet, sweep_name=sweep_name, group_size=group_size,
+                        compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode,
+                                             batched=group_size > 1))
     for line in summary.lines():
         click.echo(line)
     if summary.count("FAILED"):
@@ -312,7 +318,8 @@ def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_ba
                          max_extensions=max_extensions, batch=batch, device=device, data_dir=data_dir,
                          splits=parse_splits(splits), tracking_uri=tracking_uri, seed=sampler_seed,
                          progress=not quiet, group=on_cuda if group is None else group,
-                         compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode))
+                         compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode,
+                                              batched=on_cuda if group is None else group))
     for line in summary.lines():
         click.echo(line)
 

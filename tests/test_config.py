@@ -201,6 +201,16 @@ def test_compile_modes_are_valid_torch_compile_arguments():
     assert _compile_kwargs(_compile_arg(True, "max-autotune"))["options"]["max_autotune"] is True
 
 
+def test_a_compile_mode_that_cannot_apply_is_said(capsys):
+    from scaling.cli import _compile_arg
+    assert _compile_arg(False, "max-autotune") is False
+    assert "--compile-mode max-autotune has no effect: the step is not compiled" in capsys.readouterr().err
+    assert _compile_arg(True, "max-autotune", batched=False) == "max-autotune-no-cudagraphs"
+    assert "configurations train one at a time" in capsys.readouterr().err
+    _compile_arg(True, "max-autotune"), _compile_arg(False, "default"), _compile_arg(True, "default", batched=False)
+    assert capsys.readouterr().err == ""
+
+
 COMMANDS = ("train", "sweep", "search", "compare", "import", "phases")
 
 
