@@ -59,6 +59,9 @@ from scaling.train import (LOG_METRICS, Hooks, Pruned, TrainResult, _Stats, _sum
                            lr_at, make_optimizer)
 
 TABLE_CHUNK = 256  # steps of batch indices / optimizer scalars prepared at a time
+# the optimizer scalars of a model that must not move (stopped, or not in the tables): 1 - lr*wd = 1,
+# -lr / (1 - beta1**t) = 0, and any non-zero sqrt(1 - beta2**t)
+FROZEN_SCHED = (1.0, 0.0, 1.0)
 REBUILD_DEAD_FRACTION = 0.25  # compiled mode: drop stopped models from the pass once they hold this share
 LAYOUTS = ("slots", "groups")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -581,7 +584,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         CH = TABLE_CHUNK
         starts = torch.zeros(CH, ps.n_seqs, dtype=torch.long)
         sched = torch.empty(CH, 3, K, dtype=torch.float32)
-        sched[:, 0], sched[:, 1], sched[:, 2] = 1.0, 0.0, 1.0
+        sched[:, 0], sched[:, 1], sched[:, 2] = FROZEN_SCHED
         fpos = torch.full((CH, K), Wmax, dtype=torch.long)
         for mb, c0 in ps.cols:
             starts[:, c0:c0 + mb.cfg.batch_size] = mb.starts(mb.step, CH, len(tokens), T)
@@ -608,7 +611,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
 
     def freeze(mb: _Member, ps: Pass) -> None:
         """A stopped model: no more updates (lr 0), no more statistics (in the current tables)."""
-        ps.sched[:, 0, mb.row], ps.sched[:, 1, mb.row], ps.sched[:, 2, mb.row] = 1.0, 0.0, 1.0
+        ps.sched[:, 0, mb.row], ps.sched[:, 1, mb.row], ps.sched[:, 2, mb.row] = FROZEN_SCHED
         ps.fpos[:, mb.row] = Wmax
 
     # --- evaluation ----------------------------------------------------------------------------------
@@ -756,14 +759,14 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
             logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
             if logging:
                 fetch_logs(logging)
-            sync_point = not cuda or any(
-                due(mb.step, mb.cfg.phase.train.eval_interval, mb.cfg.steps)
-                or due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps) or mb.step >= mb.cfg.steps
-                for mb in live)
+            # what each live model does at this step (a model that deliver_logs stops is no longer running)
+            evals_now = [due(mb.step, mb.cfg.phase.train.eval_interval, mb.cfg.steps) for mb in live]
+            ckpts_now = [due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps) for mb in live]
+            sync_point = not cuda or any(e or c or mb.step >= mb.cfg.steps
+                                         for mb, e, c in zip(live, evals_now, ckpts_now))
             stopped += deliver_logs(wait=sync_point)
             # evaluation: one batched pass for every model that evaluates now
-            evaluating = [mb for mb in live if mb.running and due(mb.step, mb.cfg.phase.train.eval_interval,
-                                                                    mb.cfg.steps)]
+            evaluating = [mb for mb, e in zip(live, evals_now) if e and mb.running]
             if evaluating:
                 te = time.perf_counter()
                 vals = evaluate_rows([mb.row for mb in evaluating])
@@ -778,8 +781,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                         continue
                     if not math.isfinite(val):
                         stopped.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
-            for mb in live:
-                if mb.running and due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps):
+            for mb, c in zip(live, ckpts_now):
+                if c and mb.running:
                     try:
                         mb.hooks.on_checkpoint(mb.step, state_of(mb))
                     except Pruned:

@@ -132,8 +132,10 @@ class _Stats:
         self.final_losses = torch.zeros(final_window, device=device, dtype=torch.float64)
 
     def state(self) -> dict:
-        return {"interval": self.interval.cpu(), "total": self.total.cpu(), "n_interval": self.n_interval,
-                "final_losses": self.final_losses.cpu()}
+        """Copies on the sums' own device (queued, no wait for a GPU): the checkpoint writer moves them to
+        the host with the rest of the state."""
+        return {"interval": self.interval.clone(), "total": self.total.clone(), "n_interval": self.n_interval,
+                "final_losses": self.final_losses.clone()}
 
     def load(self, s: dict, device) -> None:
         self.interval, self.total = s["interval"].to(device), s["total"].to(device)

@@ -21,13 +21,7 @@ mkdir -p "$OUT" mlruns
 LOG="$OUT/results.log"
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}  # e.g. "--steps 3" for a dry run on CPU (DEVICE=cpu SKIP_WHEELS=1)
-[ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-# bytecode for torch too (the device machine writes none: see scripts/device_speed.sh)
-[ -n "${SKIP_WHEELS:-}" ] || python3 -m compileall -q -j 0 \
-    "$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
-export SCALING_DATA_DIR=$PWD/.data/wikitext-2-v1 SCALING_SPLITS=valid:test SCALING_CACHE_DIR=$PWD/.data/cache
+source scripts/device_env.sh  # wheels, bytecode, PYTHONPATH and the data (SKIP_WHEELS=1: none installed)
 for f in .devrun/*.db.gz; do [ -f "$f" ] && gunzip -c "$f" > "mlruns/$(basename "$f" .gz)"; done
 S="python3 -m scaling.cli"
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }

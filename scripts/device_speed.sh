@@ -21,14 +21,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 LOG="$OUT/speed.log"
-python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-# The device machine sets PYTHONDONTWRITEBYTECODE=1 and its torch has no __pycache__: every process compiled
-# torch's and mlflow's sources again (imports 19-22 s instead of 8.4-8.7 s, measured). A normal install
-# has bytecode (pip writes it), so write it once here, before anything is timed (~17 s).
-python3 -m compileall -q -j 0 "$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" \
-    /tmp/site >/dev/null 2>&1 || echo "warning: compileall reported errors: some imports may compile their sources" | tee -a "$LOG"
-export PYTHONPATH=/tmp/site:$PWD MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
-export SCALING_DATA_DIR=$PWD/.data/wikitext-2-v1 SCALING_SPLITS=valid:test SCALING_CACHE_DIR=$PWD/.data/cache
+source scripts/device_env.sh  # wheels, bytecode (written before anything is timed), data (not in a pipe: it exports)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
 if [ -n "${BENCH_VARIANTS:-}" ]; then
