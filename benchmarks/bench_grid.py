@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from scaling.batched import train_group  # noqa: E402
+from scaling.batched import WARM_TICKS, train_group  # noqa: E402
 from scaling.config import DataConfig, ModelConfig, load_phase  # noqa: E402
 from scaling.data import BatchSampler, load_corpus, random_corpus  # noqa: E402
 from scaling.model import build_model, decay_mask  # noqa: E402
@@ -265,7 +265,6 @@ class Bench:
                 close()
         wall = t1 - t
         flush_s = time.perf_counter() - t1 if record else 0.0
-        from scaling.batched import WARM_TICKS
         warm = sum(tm["warm"][:WARM_TICKS])
         steady_ticks = tm["ticks"] - WARM_TICKS
         steady_s = wall - warm - tm["eval_s"] - tm.get("setup_s", 0.0)
@@ -450,7 +449,6 @@ class Bench:
         variant = self.args.profile_variant or self.args.variants[-1]
         kw = parse_variant(variant)
         n = self.args.profile
-        from scaling.batched import WARM_TICKS
         warm = WARM_TICKS  # the pass is compiled (and its CUDA graph recorded) by then
         cfgs = self.grid_cfgs(warm + n + 1, eval_interval=10 * n, checkpoint_every=10 * n)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])

@@ -657,6 +657,9 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 "stats": stats, "val_history": list(mb.val_history), "config_hash": mb.cfg.config_hash(),
                 "rng_cpu": torch.random.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if cuda else None}
 
+    def stop(mb: _Member, status: str) -> _Member:
+        return _stop(mb, status, interval, total, final, N, corpus)
+
     # --- logging without a sync ------------------------------------------------------------------------
     pending: list[tuple[Any, torch.Tensor, list[tuple[_Member, int, int]]]] = []  # (event, host sums, members)
     row_index: dict[tuple[int, ...], torch.Tensor] = {}  # the device index of a set of rows (made once)
@@ -695,7 +698,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 means = (srow / n).tolist()
                 if not all(math.isfinite(x_) for x_ in means[:2]):
                     mb.step = step
-                    out.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
+                    out.append(stop(mb, "DIVERGED"))
                     continue
                 metrics = dict(zip(LOG_METRICS, means))
                 metrics["lr"] = lr_at(mb.cfg, step - 1)
@@ -705,11 +708,11 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                     mb.hooks.on_log(step, metrics)
                 except Pruned:
                     mb.step = step
-                    out.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+                    out.append(stop(mb, "PRUNED"))
         return out
 
     # --- the loop ------------------------------------------------------------------------------------
-    tm = {"ticks": 0, "warm": [], "eval_s": 0.0, "evals": [], "builds": 0, "setup_s": time.perf_counter() - t_start}
+    tm = {"ticks": 0, "warm": [], "evals": [], "builds": 0, "setup_s": time.perf_counter() - t_start}
     ps: Pass | None = None
     for mb in members:
         mb.t_last = time.perf_counter()
@@ -745,7 +748,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 try:
                     mb.hooks.on_step(mb.step)
                 except Pruned:
-                    stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+                    stopped.append(stop(mb, "PRUNED"))
             if t0 is not None:
                 sync()
                 tm["warm"].append(time.perf_counter() - t0)
@@ -771,25 +774,24 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 te = time.perf_counter()
                 vals = evaluate_rows([mb.row for mb in evaluating])
                 tm["evals"].append(time.perf_counter() - te)
-                tm["eval_s"] += tm["evals"][-1]
                 for mb, val in zip(evaluating, vals):
                     mb.val_history.append((mb.step, val))
                     try:
                         mb.hooks.on_eval(mb.step, val)
                     except Pruned:
-                        stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+                        stopped.append(stop(mb, "PRUNED"))
                         continue
                     if not math.isfinite(val):
-                        stopped.append(_stop(mb, "DIVERGED", interval, total, final, N, corpus))
+                        stopped.append(stop(mb, "DIVERGED"))
             for mb, c in zip(live, ckpts_now):
                 if c and mb.running:
                     try:
                         mb.hooks.on_checkpoint(mb.step, state_of(mb))
                     except Pruned:
-                        stopped.append(_stop(mb, "PRUNED", interval, total, final, N, corpus))
+                        stopped.append(stop(mb, "PRUNED"))
             for mb in live:
                 if mb.running and mb.step >= mb.cfg.steps:
-                    stopped.append(_stop(mb, "FINISHED", interval, total, final, N, corpus))
+                    stopped.append(stop(mb, "FINISHED"))
             if stopped:
                 for mb in stopped:
                     freeze(mb, ps)
@@ -808,6 +810,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     if timings is not None:
         sync()
         tm["wall_s"] = time.perf_counter() - t_start
+        tm["eval_s"] = sum(tm["evals"])
         timings.update(tm)
     return [mb.result for mb in sorted(members, key=lambda mb: mb.index)]
 

@@ -309,6 +309,7 @@ def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_ba
     from scaling.train import resolve_device
 
     on_cuda = resolve_device(device).type == "cuda"
+    group = on_cuda if group is None else group
 
     phase = load_phase_with_overrides(phase_name, phase_file, steps=steps, tokens=tokens, warmup=warmup,
                                       eval_interval=eval_interval, eval_batches=eval_batches,
@@ -317,9 +318,8 @@ def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_ba
                          study_name=study_name, extend_factor=extend_factor, margin=margin,
                          max_extensions=max_extensions, batch=batch, device=device, data_dir=data_dir,
                          splits=parse_splits(splits), tracking_uri=tracking_uri, seed=sampler_seed,
-                         progress=not quiet, group=on_cuda if group is None else group,
-                         compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode,
-                                              batched=on_cuda if group is None else group))
+                         progress=not quiet, group=group,
+                         compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode, batched=group))
     for line in summary.lines():
         click.echo(line)
 

@@ -33,6 +33,11 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """"Type: first line of the message", or the type alone when there is no message."""
+    return type(e).__name__ + (f": {first_line(e, limit)}" if str(e).strip() else "")
+
+
 DATASETS = ("wikitext2", "random")
 SCHEDULES = ("constant", "cosine")
 BUDGET_KINDS = ("steps", "tokens", "flops")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.config import ConfigError, DataConfig, ModelConfig, Phase
+from scaling.config import ConfigError, DataConfig, ModelConfig, Phase, first_line
 
 ENCODING_VERSION = "char128-v1"
 UNKNOWN_ID = 0
@@ -154,8 +154,8 @@ def _load_from_hub(splits: tuple[str, str]) -> tuple[dict[str, np.ndarray], str]
     try:
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
     except Exception as e:  # offline, hub down, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise DataError(f"WikiText-2 could not be loaded from the Hugging Face hub ({first}); {HOW_TO_SUPPLY}") from None
+        raise DataError(f"WikiText-2 could not be loaded from the Hugging Face hub ({first_line(e, 160)}); "
+                        f"{HOW_TO_SUPPLY}") from None
     out = {}
     for s in splits:
         out[s] = encode("".join(ds[HUB_SPLIT[s]]["text"]))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from scaling import tracking
-from scaling.config import ConfigError, RunConfig, clip_text, compile_text, first_line
+from scaling.config import ConfigError, RunConfig, clip_text, compile_text, error_line, first_line
 from scaling.data import Corpus, load_corpus
 from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
 
@@ -196,8 +196,7 @@ class CheckpointWriter(_Worker):
                 except Exception as e:
                     self.error = e
             if self.error is not None:  # this one and every later one are lost
-                e = self.error
-                self.lost.setdefault(item[0], type(e).__name__ + (f": {first_line(e)}" if str(e).strip() else ""))
+                self.lost.setdefault(item[0], error_line(self.error))
 
 
 class _Terminated(BaseException):
@@ -306,7 +305,7 @@ def load_checkpoint(client, run_id: str) -> dict | None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            print(f"run {run_id}: its checkpoint cannot be read ({type(e).__name__}: {first_line(e, 120)}); "
+            print(f"run {run_id}: its checkpoint cannot be read ({error_line(e, 120)}); "
                   "training it again from step 0", file=sys.stderr)
             return None
     return state if isinstance(state, dict) and "step" in state else None
@@ -334,11 +333,11 @@ def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult,
     tracking.set_tags(client, run_id, {tracking.TAG_DIVERGED: str(diverged).lower(),
                                        tracking.TAG_CONVERGED: str(converged).lower(),
                                        tracking.TAG_LEARNED: learned,
-                                       "pruned": str(result.status == "PRUNED").lower()})
+                                       "pruned": str(result.status == "PRUNED").lower(),
+                                       **({tracking.TAG_CHECKPOINT_LOST: checkpoint_lost} if checkpoint_lost else {})})
     tracking.log_params(client, run_id, {"n_params": result.n_params, "converged": converged})
     status = "FINISHED" if result.status == "FINISHED" else ("KILLED" if result.status == "PRUNED" else "FAILED")
     if checkpoint_lost:
-        tracking.set_tags(client, run_id, {tracking.TAG_CHECKPOINT_LOST: checkpoint_lost})
         print(f"warning: run {run_id}: its last checkpoint was not written ({checkpoint_lost})", file=sys.stderr)
     tracking.with_retry(client.set_terminated, run_id, status)
     return RunOutcome(run_id=run_id, status=status, diverged=diverged, summary=s, config=cfg,
@@ -383,8 +382,9 @@ class RunRecorder:
 
 
 def open_run(client, cfg: RunConfig, corpus: Corpus, dev, *, resume_run_id=None, source="train",
-             parent_run_id=None, extra_tags=None) -> tuple[str, dict | None]:
-    """A new run for ``cfg``, or the existing ``resume_run_id`` (checked) with its last checkpoint."""
+             parent_run_id=None, extra_tags=None, resume_tags=None) -> tuple[str, dict | None]:
+    """A new run for ``cfg`` (tagged with ``extra_tags``), or the existing ``resume_run_id`` (checked) with
+    its last checkpoint (tagged with ``resume_tags`` and its new owner)."""
     if not resume_run_id:
         return start_run(client, cfg, corpus, dev, source, parent_run_id, extra_tags), None
     try:
@@ -399,7 +399,7 @@ def open_run(client, cfg: RunConfig, corpus: Corpus, dev, *, resume_run_id=None,
         raise ConfigError(f"resume: run {resume_run_id} is already FINISHED")
     state = load_checkpoint(client, resume_run_id)
     client.update_run(resume_run_id, status="RUNNING")
-    tracking.set_tags(client, resume_run_id, {tracking.TAG_OWNER: tracking.owner_id()})
+    tracking.set_tags(client, resume_run_id, {tracking.TAG_OWNER: tracking.owner_id(), **(resume_tags or {})})
     print(f"resuming run {resume_run_id} from step {state['step'] if state else 0}", file=sys.stderr)
     return resume_run_id, state
 
@@ -492,13 +492,11 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
     n = len(cfgs)
     client, dev, corpus = prepared or prepare(cfgs[0], data_dir, tracking_uri, device)
     resume_run_ids = resume_run_ids or [None] * n
-    extra_tags = [{**(t or {}), tracking.TAG_COMPILE: compile_text(compile)} for t in (extra_tags or [None] * n)]
+    how = {tracking.TAG_COMPILE: compile_text(compile)}  # a resumed run: how its remaining steps are compiled
+    extra_tags = [{**(t or {}), **how} for t in (extra_tags or [None] * n)]
     on_evals = on_evals or [None] * n
     opened = [open_run(client, c, corpus, dev, resume_run_id=r, source=source, parent_run_id=parent_run_id,
-                       extra_tags=t) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
-    for (run_id, _), r in zip(opened, resume_run_ids):
-        if r:  # a resumed run: how its remaining steps are compiled
-            tracking.set_tags(client, run_id, {tracking.TAG_COMPILE: compile_text(compile)})
+                       extra_tags=t, resume_tags=how) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
     corpus.to(dev)
     sink, writer = MetricSink(client), CheckpointWriter(client)  # one thread each for the whole group
     recs = [RunRecorder(client, run_id, sink, writer, None, ev, resumed=bool(r))

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, RunConfig, clip_text, first_line, positive_int
+from scaling.config import ConfigError, Phase, RunConfig, clip_text, error_line, first_line, positive_int
 
 TAG_SWEEP_ID = "scaling.sweep_id"
 TAG_SEARCH_ID = "scaling.search_id"  # a search's parent run (scaling.search) and its trials
@@ -570,7 +570,7 @@ def train_grouped(items: list[WorkItem], ctx: SweepContext, prepared: dict) -> l
 def _failed(item: WorkItem, e: Exception, ctx: SweepContext) -> WorkResult:
     """Report a failure; a run that failed before training started (e.g. a bad checkpoint) is made FAILED,
     so it is not resumed again and again but waits for ``--retry-failed`` (which starts a fresh run)."""
-    print(f"error: {label(item.cfg)} failed: {type(e).__name__}: {first_line(e, 300)}",
+    print(f"error: {label(item.cfg)} failed: {error_line(e, 300)}",
           file=sys.stderr)
     if item.resume_run_id:
         try:

@@ -132,10 +132,10 @@ class _Stats:
         self.final_losses = torch.zeros(final_window, device=device, dtype=torch.float64)
 
     def state(self) -> dict:
-        """Copies on the sums' own device (queued, no wait for a GPU): the checkpoint writer moves them to
-        the host with the rest of the state."""
-        return {"interval": self.interval.clone(), "total": self.total.clone(), "n_interval": self.n_interval,
-                "final_losses": self.final_losses.clone()}
+        """The sums themselves, live like ``state_dict()``'s tensors (no copy, no wait for a GPU): a hook
+        copies what it keeps, as the checkpoint writer does."""
+        return {"interval": self.interval, "total": self.total, "n_interval": self.n_interval,
+                "final_losses": self.final_losses}
 
     def load(self, s: dict, device) -> None:
         self.interval, self.total = s["interval"].to(device), s["total"].to(device)
