@@ -397,7 +397,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
     the first ticks after each build of the pass, synchronised: compile time lands there), ``eval_s``,
     ``evals`` (seconds of each evaluation; a compiled one's first holds its compile), ``builds`` (how
-    many times the pass was built).
+    many times the pass was built), ``configs`` (K); :func:`timing_metrics` sums them up.
     """
     cfgs = list(cfgs)
     K = len(cfgs)
@@ -712,7 +712,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         return out
 
     # --- the loop ------------------------------------------------------------------------------------
-    tm = {"ticks": 0, "warm": [], "evals": [], "builds": 0, "setup_s": time.perf_counter() - t_start}
+    tm = {"configs": K, "ticks": 0, "warm": [], "evals": [], "builds": 0, "setup_s": time.perf_counter() - t_start}
     ps: Pass | None = None
     for mb in members:
         mb.t_last = time.perf_counter()
@@ -813,6 +813,22 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         tm["eval_s"] = sum(tm["evals"])
         timings.update(tm)
     return [mb.result for mb in sorted(members, key=lambda mb: mb.index)]
+
+
+def timing_metrics(tm: dict) -> dict[str, float]:
+    """A group's ``timings`` (train_group's) as the metrics each of its MLflow runs gets: ``group_configs``
+    (configs trained together), ``group_setup_s`` (before the first step), ``group_first_ticks_s`` (the
+    first WARM_TICKS ticks after each build of the pass: its compile lands there), ``group_step_ms`` (every
+    other tick: the wall time between the first ticks and the end, less the evaluations, per tick — logging
+    and checkpoint hand-overs included), ``group_eval_s`` (all evaluations; a compiled one's first holds its
+    compile) and ``group_wall_s``."""
+    first = sum(tm["warm"])
+    rest = tm["ticks"] - len(tm["warm"])
+    out = {"group_configs": float(tm["configs"]), "group_setup_s": tm["setup_s"], "group_first_ticks_s": first,
+           "group_eval_s": tm["eval_s"], "group_wall_s": tm["wall_s"]}
+    if rest > 0:
+        out["group_step_ms"] = 1000 * (tm["wall_s"] - tm["setup_s"] - first - tm["eval_s"]) / rest
+    return out
 
 
 def _stop(mb: _Member, status: str, interval, total, final, n_params: int, corpus: Corpus) -> _Member:

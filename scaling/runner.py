@@ -319,15 +319,16 @@ def save_checkpoint(client, run_id: str, state: dict) -> None:
 
 
 def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult,
-               checkpoint_lost: str | None = None) -> RunOutcome:
+               checkpoint_lost: str | None = None, extra_metrics: dict[str, float] | None = None) -> RunOutcome:
     """Summary metrics, tags and terminal status of a trained run. ``checkpoint_lost``: why a checkpoint of
     it could not be written after its last step (a write that fails while it trains fails the run). Its
     results stand, so it stays FINISHED, but the reason goes into the tag ``scaling.checkpoint_lost`` and
-    onto stderr with the run's id: its artifacts lack the final state."""
+    onto stderr with the run's id: its artifacts lack the final state. ``extra_metrics`` are logged with
+    the summary (a batched group's timings)."""
     s = result.summary
     diverged = result.status == "DIVERGED"
     converged = result.status == "FINISHED" and math.isfinite(s.get("final_val_loss", float("nan")))
-    tracking.log_metrics(client, run_id, [(k, v, result.steps_done) for k, v in s.items()
+    tracking.log_metrics(client, run_id, [(k, v, result.steps_done) for k, v in {**s, **(extra_metrics or {})}.items()
                                           if v is not None and math.isfinite(v)])
     learned = tracking.learned_tag(s.get("final_val_loss"), s.get("baseline_unigram_loss"), diverged)
     tracking.set_tags(client, run_id, {tracking.TAG_DIVERGED: str(diverged).lower(),
@@ -446,11 +447,11 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
 
 
 def _train_recorded(fit, client, cfgs: list[RunConfig], recs: list[RunRecorder], sink: MetricSink,
-                    writer: CheckpointWriter, on_killed=None) -> list[RunOutcome]:
+                    writer: CheckpointWriter, on_killed=None, extra_metrics=None) -> list[RunOutcome]:
     """Run ``fit()`` (one TrainResult per run) and end the runs: on Ctrl-C or SIGTERM every run's rows
     and checkpoints are written and the runs closed KILLED, on an error FAILED; otherwise written, closed
-    and finished. A signal that comes while the last rows are written is raised again once the runs are
-    recorded."""
+    and finished (with the metrics ``extra_metrics()`` returns then, if given). A signal that comes while
+    the last rows are written is raised again once the runs are recorded."""
     try:
         with sigterm_as_interrupt(), quick_gil_handoff():
             results = fit()
@@ -469,7 +470,8 @@ def _train_recorded(fit, client, cfgs: list[RunConfig], recs: list[RunRecorder],
     interrupted = _drain(sink, writer)
     for r in recs:
         r.close()
-    outcomes = [finish_run(client, r.run_id, c, res, writer.lost.get(r.run_id))
+    extra = extra_metrics() if extra_metrics is not None else None
+    outcomes = [finish_run(client, r.run_id, c, res, writer.lost.get(r.run_id), extra)
                 for r, c, res in zip(recs, cfgs, results)]
     if interrupted:  # the runs were complete: they are recorded, then the interruption goes on
         raise KeyboardInterrupt
@@ -484,10 +486,11 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
 
     Same records per run as :func:`run_config`, plus the tag ``scaling.compile`` (``compile`` is
     train_group's argument: False, True or a mode of ``config.COMPILE_MODES``; a resumed run gets the
-    mode of its latest session); the configs share the corpus, so for random-token data they must share
-    the seed.
+    mode of its latest session) and the group's timings as metrics (``group_*``, see
+    :func:`scaling.batched.timing_metrics`: compile and steady step apart); the configs share the corpus,
+    so for random-token data they must share the seed.
     """
-    from scaling.batched import train_group
+    from scaling.batched import timing_metrics, train_group
 
     n = len(cfgs)
     client, dev, corpus = prepared or prepare(cfgs[0], data_dir, tracking_uri, device)
@@ -508,9 +511,10 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
                    mininterval=1.0)
         last = recs[max(range(n), key=lambda i: cfgs[i].steps)]
         last.bar = bar
+    timings: dict = {}
     return _train_recorded(lambda: train_group(cfgs, corpus, dev, [r.hooks() for r in recs], [s for _, s in opened],
-                                               compile=compile),
-                           client, cfgs, recs, sink, writer)
+                                               compile=compile, timings=timings),
+                           client, cfgs, recs, sink, writer, extra_metrics=lambda: timing_metrics(timings))
 
 
 __all__ = ["RunOutcome", "CheckpointWriter", "MetricSink", "run_config", "run_group", "prepare", "open_run", "start_run", "finish_run",

@@ -9,7 +9,7 @@
 if [ -z "${SKIP_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   python3 -m compileall -q -j 0 "$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" \
-      /tmp/site >/dev/null 2>&1 || echo "warning: compileall reported errors: some imports may compile their sources"
+      /tmp/site "$PWD/scaling" >/dev/null 2>&1 || echo "warning: compileall reported errors: some imports may compile their sources"
 fi
 export PYTHONPATH=/tmp/site:$PWD MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 export SCALING_DATA_DIR=$PWD/.data/wikitext-2-v1 SCALING_SPLITS=valid:test SCALING_CACHE_DIR=$PWD/.data/cache

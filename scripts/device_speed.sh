@@ -6,7 +6,8 @@
 #   SWEEP_RUNS="cold warm" bash scripts/device_speed.sh          # the two sweeps only
 #
 # BENCH_EXTRA adds options to the benchmark (e.g. "--group-steps 400 --record"); SWEEP_RUNS="" runs no sweep.
-# SWEEP_ARGS adds options to every sweep (e.g. "--compile-mode max-autotune").
+# SWEEP_ARGS adds options to every sweep (e.g. "--compile-mode max-autotune"); a word "KIND@MODE" of SWEEP_RUNS
+# runs that sweep with --compile-mode MODE (SWEEP_RUNS="warm@max-autotune cold").
 # 1. (if BENCH_VARIANTS is set) benchmarks/bench_grid.py on those train_group variants, 150 steps each;
 # 2. `scaling sweep --phase $PHASE` (default 2_5) on CUDA, once per word of SWEEP_RUNS, each time into a
 #    fresh MLflow store: "cold" with empty inductor/Triton caches (a first sweep on a new machine),
@@ -29,8 +30,11 @@ if [ -n "${BENCH_VARIANTS:-}" ]; then
       --paths c --group-steps 150 --variants "$BENCH_VARIANTS" ${BENCH_EXTRA:-} --out "$OUT/bench.json" 2>&1 \
       | grep -v -i warn | tee -a "$LOG"
 fi
-for run in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
-  rm -rf "sweep-$run"  # a fresh store (ignored folders survive on a machine kept warm between calls)
+for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
+  run=${word%@*} mode_args=()  # "warm@max-autotune": this sweep with --compile-mode max-autotune
+  [ "$word" != "$run" ] && mode_args=(--compile-mode "${word#*@}")
+  name=${word//@/-}
+  rm -rf "sweep-$name"  # a fresh store (ignored folders survive on a machine kept warm between calls)
   case $run in cold|prime) rm -rf /tmp/inductor-sweep /tmp/triton-sweep ;; esac
   limit=${SWEEP_TIMEOUT:-300}
   run_py=(python3)
@@ -41,8 +45,8 @@ for run in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   t=$(date +%s.%N)
   # SIGINT (not SIGTERM) at the limit: cProfile writes its stats on KeyboardInterrupt
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep timeout -s INT -k 30 "$limit" \
-      "${run_py[@]}" -m scaling.cli sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$run/mlflow.db" \
-      --quiet ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn | tail -40 | tee -a "$LOG"
-  echo "sweep $run: wall $(python3 -c "print(round($(date +%s.%N) - $t, 1))") s" | tee -a "$LOG"
-  [ -f "sweep-$run/mlflow.db" ] && gzip -c "sweep-$run/mlflow.db" > "$OUT/sweep-$run-mlflow.db.gz"
+      "${run_py[@]}" -m scaling.cli sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$name/mlflow.db" \
+      --quiet ${SWEEP_ARGS:-} "${mode_args[@]}" 2>&1 | grep -v -i warn | tail -40 | tee -a "$LOG"
+  echo "sweep $word: wall $(python3 -c "print(round($(date +%s.%N) - $t, 1))") s" | tee -a "$LOG"
+  [ -f "sweep-$name/mlflow.db" ] && gzip -c "sweep-$name/mlflow.db" > "$OUT/sweep-$name-mlflow.db.gz"
 done

@@ -4,7 +4,8 @@
 
 Per store, from the store's own timestamps: the span of the phase's runs, the time from the first run's
 creation to step 50 of the run named --run (a prefix), the mean step time from step 50 to its last
-step, and the step time over steps 1,050–1,450 (no evaluation or checkpoint inside for phase 2.5).
+step, and the step time over steps 1,050–1,450 (no evaluation or checkpoint inside for phase 2.5); the
+batched pass's own timings (``group_*`` metrics: setup, first ticks with the compile, steady step).
 Across stores: each configuration's final_val_loss in every store and its spread (max − min), and the
 argmin LR per batch size in each store.
 """
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
         tl = timeline(client, runs, a.run)
         print(f"{uri}: {len(runs)} finished sweep runs; " + ", ".join(
             f"{k} {v:.2f}" for k, v in tl.items() if v is not None))
+        group = {k: v for k, v in runs[0].data.metrics.items() if k.startswith("group_")}  # the pass's own timings
+        if group:
+            print("  " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(group.items())))
         best: dict[int, tuple[float, float]] = {}
         for r in runs:
             v = r.data.metrics.get("final_val_loss")

@@ -244,6 +244,13 @@ def test_a_claimed_group_can_be_trained_in_one_pass_by_the_batched_engine(tmp_pa
     assert len(parents) == 1 and len(children) == 4
     assert all(c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
                and c.data.tags["scaling.compile"] == "off" for c in children)
+    # the group's timings, the same on each of its runs: compile (first ticks) and steady step apart
+    timing = {k: v for k, v in children[0].data.metrics.items() if k.startswith("group_")}
+    assert set(timing) == {"group_configs", "group_setup_s", "group_first_ticks_s", "group_step_ms",
+                           "group_eval_s", "group_wall_s"}, timing
+    assert timing["group_configs"] == 4 and all(v > 0 for v in timing.values())
+    assert timing["group_setup_s"] + timing["group_first_ticks_s"] + timing["group_eval_s"] < timing["group_wall_s"]
+    assert all({k: v for k, v in c.data.metrics.items() if k.startswith("group_")} == timing for c in children)
     assert rerun(tiny_random_phase, uri, storage).trained_now == 0  # the sequential engine sees them done
 
 
