@@ -56,7 +56,7 @@ def flops_per_token(mc, n_params: int) -> float:
 
 
 def parse_variant(variant: str) -> dict:
-    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH]]]] → train_group keyword arguments.
+    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEXBWD]]]]] → train_group keyword arguments.
 
     COMPILE: eager, compile (default mode), cdt (default mode + coordinate-descent tuning of the
     generated kernels), magemm (default mode + autotuned Triton matmul templates, which can take the
@@ -66,7 +66,9 @@ def parse_variant(variant: str) -> dict:
     (default = torch's choice, flash, efficient, cudnn, math); SCOPE:
     graph (compile the whole pass, train_group's default) or block (one block, reused per layer);
     CUDAGRAPH: cg (the step replayed as a CUDA graph), nocg (launched every step) or auto (train_group's
-    default: cg when compiling on CUDA).
+    default: cg when compiling on CUDA); FLEXBWD: the tiles of FlexAttention's backward kernels,
+    M1.N1.M2.N2.STAGES.WARPS (e.g. 32.64.64.32.3.4; inductor's default on an H100 at head dim 32 is
+    64.64.64.64.3.4).
     """
     parts = variant.split(":")
     comp = parts[0]
@@ -76,7 +78,12 @@ def parse_variant(variant: str) -> dict:
     graph = {"cg": "on", "nocg": "off", "auto": "auto"}[(parts[4:5] or ["auto"])[0]]
     compile_arg = {"eager": False, "compile": True, "cdt": {"coordinate_descent_tuning": True},
                    "magemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}.get(comp, comp)
-    return {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope, "cuda_graph": graph}
+    kw = {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope, "cuda_graph": graph}
+    if parts[5:6]:
+        m1, n1, m2, n2, stages, warps = (int(x) for x in parts[5].split("."))
+        kw["flex_options"] = {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2, "bwd_BLOCK_N2": n2,
+                              "bwd_num_stages": stages, "bwd_num_warps": warps}
+    return kw
 
 
 def fresh_compile() -> None:

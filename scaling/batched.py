@@ -84,14 +84,17 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def flex_causal(T: int, device: torch.device):
+def flex_causal(T: int, device: torch.device, kernel_options: dict | None = None):
     """Causal attention through FlexAttention (``attention="flex"``): under ``torch.compile`` a Triton
-    kernel generated for this shape (forward and backward), instead of one of the SDPA backends."""
+    kernel generated for this shape (forward and backward), instead of one of the SDPA backends.
+    ``kernel_options``: FlexAttention's (tile sizes and stages of its kernels, e.g. ``bwd_BLOCK_M1``);
+    None: inductor's defaults."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
+    options = dict(kernel_options) if kernel_options else None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return flex_attention(q, k, v, block_mask=mask)
+        return flex_attention(q, k, v, block_mask=mask, kernel_options=options)
     return attend
 
 
@@ -296,15 +299,18 @@ QUIET_AUTOTUNE = {"autotune_num_choices_displayed": 0, "max_autotune_report_choi
 
 
 def _compile_kwargs(compile: bool | str | dict) -> dict:
+    import torch._inductor as inductor
+    import torch._inductor.config as inductor_config
     if isinstance(compile, dict):
-        return {"options": dict(compile)}
-    if isinstance(compile, str) and compile.startswith("max-autotune"):
-        import torch._inductor as inductor
-        import torch._inductor.config as inductor_config
+        options = dict(compile)
+    elif isinstance(compile, str) and compile.startswith("max-autotune"):
+        options = inductor.list_mode_options(compile)
+    else:
+        return {"mode": None if compile is True else compile}
+    if any(k.startswith("max_autotune") and v for k, v in options.items()):
         known = inductor_config.get_config_copy()
-        return {"options": {**inductor.list_mode_options(compile),
-                            **{k: v for k, v in QUIET_AUTOTUNE.items() if k in known}}}
-    return {"mode": None if compile is True else compile}
+        options.update({k: v for k, v in QUIET_AUTOTUNE.items() if k in known})
+    return {"options": options}
 
 
 def _compile_key(compile) -> tuple:
@@ -364,7 +370,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 hooks: Sequence[Hooks] | None = None, resume_states: Sequence[dict | None] | None = None,
                 compile: bool | str | dict = False, *, layout: str = "slots", precision: str = "auto",
                 scope: str = "graph", attention: str = "auto", cuda_graph: str = "auto",
-                timings: dict | None = None) -> list[TrainResult]:
+                flex_options: dict | None = None, timings: dict | None = None) -> list[TrainResult]:
     """Train every config of ``cfgs`` together on ``corpus`` (already on ``device``); one result per config.
 
     Per config i, exactly as ``train(cfgs[i], corpus, device, hooks[i], resume_states[i])``: the same
@@ -392,6 +398,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     statistics) as one CUDA graph after the first ticks of each pass and replays it every step: no
     kernel launches from Python, and the threads that log and checkpoint beside it no longer slow the
     steps down (measured, docs/performance.md); "auto" (default) = on when compiling on CUDA; "off".
+    flex_options: FlexAttention's ``kernel_options`` (its kernels' tile sizes, stages, warps) when attention
+    is flex; None: inductor's defaults.
     layout: "slots" or "groups" (see the module docstring). precision: "auto" (bf16 autocast on CUDA,
     fp32 elsewhere, as train.py), "fp32" or "bf16". timings: if a dict is given it is filled with
     ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
@@ -512,7 +520,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     update = compiled_update() if compile else _update
     regions = compiled_regions(compile) if compile and scope == "block" else EAGER
     whole = bool(compile) and scope == "graph"
-    attend = flex_causal(T, device) if attention == "flex" else _sdpa_causal
+    attend = flex_causal(T, device, flex_options) if attention == "flex" else _sdpa_causal
 
     # --- the pass: which models run, in what shape -----------------------------------------------------
     class Pass:

@@ -35,7 +35,7 @@ TAG_LEARNED = "learned"  # "true" / "false" / "unknown"
 TAG_OWNER = "scaling.owner"  # host:pid of the process training it (for stale-run detection)
 TAG_ERROR = "scaling.error"  # why a run FAILED without diverging
 TAG_CHECKPOINT_LOST = "scaling.checkpoint_lost"  # why a run's last checkpoint was not written (run FINISHED)
-TAG_COMPILE = "scaling.compile"  # batched runs: off | default | max-autotune (how the step was compiled)
+TAG_COMPILE = "scaling.compile"  # batched runs: off or a --compile-mode (how the step was compiled)
 
 
 class TrackingError(ConfigError):

@@ -199,6 +199,9 @@ def test_compile_modes_are_valid_torch_compile_arguments():
         assert compile_text(arg) == mode
     assert _compile_arg(False, "max-autotune") is False and compile_text(False) == "off"
     assert _compile_kwargs(_compile_arg(True, "max-autotune"))["options"]["max_autotune"] is True
+    gemm = _compile_kwargs(_compile_arg(True, "max-autotune-gemm"))["options"]
+    assert gemm["max_autotune_gemm"] is True and not gemm.get("max_autotune") and "coordinate_descent_tuning" not in gemm
+    assert gemm["autotune_num_choices_displayed"] == 0  # quiet, as max-autotune
 
 
 def test_a_compile_mode_that_cannot_apply_is_said(capsys):
