@@ -43,9 +43,9 @@ SCHEDULES = ("constant", "cosine")
 BUDGET_KINDS = ("steps", "tokens", "flops")
 SPLITS = ("train", "valid", "test")
 # `--compile-mode` of the batched engine → the ``compile`` argument of scaling.batched.train_group:
-# max-autotune without inductor's own CUDA graphs, since train_group records the whole step itself
-# --compile-mode → train_group's compile argument: "max-autotune-gemm" autotunes only the matmuls (Triton
-# templates chosen at compile time, cached with the graph: nothing is benchmarked when a process starts)
+# "max-autotune-gemm" autotunes only the matmuls (Triton templates chosen at compile time and cached with
+# the graph: nothing is benchmarked when a process starts); max-autotune without inductor's own CUDA graphs,
+# since train_group records the whole step itself
 COMPILE_MODES = {"default": True, "max-autotune-gemm": {"max_autotune_gemm": True},
                  "max-autotune": "max-autotune-no-cudagraphs"}
 

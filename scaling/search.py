@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, RunConfig, positive_int
+from scaling.config import ConfigError, Phase, RunConfig, error_line, positive_int
 from scaling.sweep import (TAG_SEARCH_ID, ClaimStore, check_storage_url, classify, default_storage, ensure_parent,
                            link_launcher_run, runs_of_config, safe_url, shared_params)
 
@@ -510,8 +510,8 @@ def _evaluate(study, trials: list, phase: Phase, b: int, *, splits, client, exp_
         n_evaluated += 1
         if isinstance(outcome, Exception):
             e = outcome
-            print(f"error: trial {trial.number} (lr {cfg.lr:g}) failed: {type(e).__name__}: {e}", file=sys.stderr)
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+            print(f"error: trial {trial.number} (lr {cfg.lr:g}) failed: {error_line(e, 300)}", file=sys.stderr)
+            trial.set_user_attr("error", error_line(e, 500))
             study.tell(trial, state=S.FAIL)
             continue
         trial.set_user_attr("mlflow_run_id", outcome.run_id)

@@ -576,7 +576,7 @@ def _failed(item: WorkItem, e: Exception, ctx: SweepContext) -> WorkResult:
         try:
             client = tracking.connect(ctx.tracking_uri, check=False)
             if client.get_run(item.resume_run_id).info.status in ("RUNNING", "KILLED", "SCHEDULED"):
-                tracking.set_tags(client, item.resume_run_id, {tracking.TAG_ERROR: f"{type(e).__name__}: {e}"[:500]})
+                tracking.set_tags(client, item.resume_run_id, {tracking.TAG_ERROR: error_line(e, 500)})
                 tracking.with_retry(client.set_terminated, item.resume_run_id, "FAILED")
         except Exception:
             pass
