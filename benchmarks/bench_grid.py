@@ -80,7 +80,11 @@ def parse_variant(variant: str) -> dict:
                    "magemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}.get(comp, comp)
     kw = {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope, "cuda_graph": graph}
     if parts[5:6]:
-        m1, n1, m2, n2, stages, warps = (int(x) for x in parts[5].split("."))
+        try:
+            m1, n1, m2, n2, stages, warps = (int(x) for x in parts[5].split("."))
+        except ValueError:
+            raise ValueError(f"variant {variant!r}: FLEXBWD must be six integers M1.N1.M2.N2.STAGES.WARPS, "
+                             f"got {parts[5]!r}") from None
         kw["flex_options"] = {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2, "bwd_BLOCK_N2": n2,
                               "bwd_num_stages": stages, "bwd_num_warps": warps}
     return kw
@@ -481,10 +485,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--paths", default="a,b,c", help="which of a,b,c to measure")
     ap.add_argument("--variants", default="eager:slots",
-                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH]]]] "
-                         "(see parse_variant): COMPILE in eager, compile, cdt or a torch.compile mode; LAYOUT in "
+                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEXBWD]]]]] "
+                         "(see parse_variant): COMPILE in eager, compile, cdt, magemm or a torch.compile mode; LAYOUT in "
                          "slots, groups; ATTENTION in auto, flex, default, flash, efficient, cudnn, math; SCOPE in graph, "
-                         "block; CUDAGRAPH in cg, nocg, auto")
+                         "block; CUDAGRAPH in cg, nocg, auto; FLEXBWD M1.N1.M2.N2.STAGES.WARPS (FlexAttention's backward tiles)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="override the grid's batch sizes")
     ap.add_argument("--lrs", type=float, nargs="+", help="override the grid's learning rates")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per batch size for (a) and (b)")

@@ -437,6 +437,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     use_graph = cuda_graph == "on" or (cuda_graph == "auto" and cuda and bool(compile))
     if attention == "auto":
         attention = "flex" if cuda and compile else "default"
+    if flex_options and attention != "flex":
+        raise ValueError(f"flex_options are FlexAttention's, but the attention is {attention!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
     # no autocast weight cache under a CUDA graph: a cached cast made while recording would be stale
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not use_graph))
@@ -829,7 +831,9 @@ def timing_metrics(tm: dict) -> dict[str, float]:
     first WARM_TICKS ticks after each build of the pass: its compile lands there), ``group_step_ms`` (every
     other tick: the wall time between the first ticks and the end, less the evaluations, per tick — logging
     and checkpoint hand-overs included), ``group_eval_s`` (all evaluations; a compiled one's first holds its
-    compile) and ``group_wall_s``."""
+    compile) and ``group_wall_s``. Nothing when the group did not train (no timings)."""
+    if "wall_s" not in tm:
+        return {}
     first = sum(tm["warm"])
     rest = tm["ticks"] - len(tm["warm"])
     out = {"group_configs": float(tm["configs"]), "group_setup_s": tm["setup_s"], "group_first_ticks_s": first,

@@ -481,11 +481,11 @@ def _train_recorded(fit, client, cfgs: list[RunConfig], recs: list[RunRecorder],
 def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracking_uri=None,
               resume_run_ids: list[str | None] | None = None, progress: bool = True, source: str = "sweep",
               parent_run_id: str | None = None, extra_tags: list[dict] | None = None, on_evals=None,
-              prepared=None, compile: bool | str = False) -> list[RunOutcome]:
+              prepared=None, compile: bool | str | dict = False) -> list[RunOutcome]:
     """Train several configurations of one phase together (``scaling.batched``), one MLflow run each.
 
     Same records per run as :func:`run_config`, plus the tag ``scaling.compile`` (``compile`` is
-    train_group's argument: False, True or a mode of ``config.COMPILE_MODES``; a resumed run gets the
+    train_group's argument: False or a value of ``config.COMPILE_MODES``; a resumed run gets the
     mode of its latest session) and the group's timings as metrics (``group_*``, see
     :func:`scaling.batched.timing_metrics`: compile and steady step apart); the configs share the corpus,
     so for random-token data they must share the seed.

@@ -271,7 +271,7 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
                device: str = "auto", data_dir=None, splits: tuple[str, str] = ("train", "valid"),
                tracking_uri: str | None = None, objective_fn: Callable[[RunConfig], float] | None = None,
                seed: int | None = None, progress: bool = True, group: bool = False,
-               compile: bool | str = False) -> SearchSummary:
+               compile: bool | str | dict = False) -> SearchSummary:
     """Boundary-aware LR search per batch size (see the module docstring).
 
     ``group``: the ``batch`` trials asked at a time are trained together in one batched pass
@@ -433,7 +433,7 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
 
 
 def _evaluate(study, trials: list, phase: Phase, b: int, *, splits, client, exp_id, parent, search_id, objective_fn,
-              prepared, progress, group: bool = False, compile: bool | str = False) -> int:
+              prepared, progress, group: bool = False, compile: bool | str | dict = False) -> int:
     """Asked trials: synthetic, reused from a recorded run, or trained (and recorded) now — one by one,
     or all together in one batched pass with ``group`` (ask K, train K together, tell K). ``prepared``
     is runner.prepare's (client, device, corpus) of the search (None with an ``objective_fn``).

@@ -442,7 +442,7 @@ class SweepContext:
     session_start_ms: int
     progress: bool = False
     group_size: int = 1  # > 1: configs trained together by train_grouped
-    compile: bool | str = False  # train_group's compile argument (config.COMPILE_MODES)
+    compile: bool | str | dict = False  # train_group's compile argument (a value of config.COMPILE_MODES)
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     stale_after: float = STALE_AFTER_S
     poll_interval: float = POLL_INTERVAL_S
@@ -714,12 +714,12 @@ class SweepSummary:
 def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tuple[str, str] = ("train", "valid"),
               tracking_uri: str | None = None, storage: str | None = None, workers: int = 1,
               retry_failed: bool = False, progress: bool = True, sweep_name: str | None = None,
-              engine: Engine | None = None, group_size: int = 1, compile: bool | str = False,
+              engine: Engine | None = None, group_size: int = 1, compile: bool | str | dict = False,
               heartbeat_interval: float = HEARTBEAT_INTERVAL_S, stale_after: float = STALE_AFTER_S) -> SweepSummary:
     """Run (or resume) the phase's whole grid; return where every configuration stands.
 
     ``group_size`` > 1 trains up to that many claimed configs together in one pass (the batched
-    engine, :func:`train_grouped`; ``compile``: False, True or a mode of ``config.COMPILE_MODES``), per worker.
+    engine, :func:`train_grouped`; ``compile``: False or a value of ``config.COMPILE_MODES``), per worker.
     """
     from scaling import runner
 

@@ -46,7 +46,7 @@ for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   # SIGINT (not SIGTERM) at the limit: cProfile writes its stats on KeyboardInterrupt
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep timeout -s INT -k 30 "$limit" \
       "${run_py[@]}" -m scaling.cli sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$name/mlflow.db" \
-      --quiet ${SWEEP_ARGS:-} "${mode_args[@]}" 2>&1 | grep -v -i warn | tail -40 | tee -a "$LOG"
+      --quiet ${SWEEP_ARGS:-} ${mode_args[@]+"${mode_args[@]}"} 2>&1 | grep -v -i warn | tail -40 | tee -a "$LOG"
   echo "sweep $word: wall $(python3 -c "print(round($(date +%s.%N) - $t, 1))") s" | tee -a "$LOG"
   [ -f "sweep-$name/mlflow.db" ] && gzip -c "sweep-$name/mlflow.db" > "$OUT/sweep-$name-mlflow.db.gz"
 done

@@ -54,9 +54,13 @@ def main(argv=None) -> int:
         tl = timeline(client, runs, a.run)
         print(f"{uri}: {len(runs)} finished sweep runs; " + ", ".join(
             f"{k} {v:.2f}" for k, v in tl.items() if v is not None))
-        group = {k: v for k, v in runs[0].data.metrics.items() if k.startswith("group_")}  # the pass's own timings
-        if group:
-            print("  " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(group.items())))
+        groups: dict[tuple, int] = {}  # each batched pass's own timings (the same on each of its runs), how many runs
+        for r in runs:
+            g = tuple(sorted((k, v) for k, v in r.data.metrics.items() if k.startswith("group_")))
+            if g:
+                groups[g] = groups.get(g, 0) + 1
+        for g, n in groups.items():
+            print(f"  group of {n} runs: " + ", ".join(f"{k} {v:.2f}" for k, v in g))
         best: dict[int, tuple[float, float]] = {}
         for r in runs:
             v = r.data.metrics.get("final_val_loss")

@@ -183,6 +183,22 @@ def test_flex_attention_equals_sdpa(on_cuda):
     res_f, recs_f = run_group(cfgs, corpus, compile=True, attention="flex", **kw)
     for re_, rce, rf, rcf in zip(res_e, recs_e, res_f, recs_f):
         assert_same_run(re_, rce, rf, rcf, rel=1e-3)
+    # other tiles for FlexAttention's backward (the bench's FLEXBWD field): the same arithmetic
+    tiles = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_stages": 3,
+             "bwd_num_warps": 4}
+    res_t, recs_t = run_group(cfgs, corpus, compile=True, attention="flex", flex_options=tiles, **kw)
+    for re_, rce, rt, rct in zip(res_e, recs_e, res_t, recs_t):
+        assert_same_run(re_, rce, rt, rct, rel=1e-3)
+
+
+def test_flex_options_need_flex_attention(setup):
+    """FlexAttention's kernel options with another attention are an error, not silently dropped (on CPU
+    "auto" is SDPA's default); a group that did not train has no timings to record."""
+    from scaling.batched import timing_metrics
+    _, corpus, cfgs = setup
+    with pytest.raises(ValueError, match="flex_options"):
+        train_group(cfgs, corpus, CPU, flex_options={"bwd_BLOCK_M1": 32})
+    assert timing_metrics({}) == {}
 
 
 @pytest.mark.parametrize("layout", ["slots", "groups"])
