@@ -346,24 +346,24 @@ def compiled_update():
     return _COMPILED[("update",)]
 
 
-def attention_backend(name: str, device: torch.device):
-    """A context restricting ``F.scaled_dot_product_attention`` to one backend on CUDA ("default": no
+# the SDPA backends of the evaluation pass on CUDA (eager, or compiled with an SDPA attention): any but cuDNN
+EVAL_SDPA = ("flash", "efficient", "math")
+
+
+def sdpa_backends(names: Sequence[str], device: torch.device):
+    """A context restricting ``F.scaled_dot_product_attention`` to these backends on CUDA (none named: no
     restriction). It must surround the first call of a compiled pass: the backend is chosen at trace time."""
-    if name in ("default", "flex") or device.type != "cuda":
+    if not names or device.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    b = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel([b])
+    enum = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([enum[n] for n in names])
 
 
-def eval_attention(device: torch.device):
-    """The SDPA backends of the evaluation pass on CUDA (eager, or compiled with an SDPA attention): any
-    but cuDNN."""
-    if device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+def attention_backend(name: str, device: torch.device):
+    """The training pass's SDPA backend: ``name`` alone ("default" and "flex": no restriction)."""
+    return sdpa_backends(() if name in ("default", "flex") else (name,), device)
 
 
 def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
@@ -645,7 +645,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         tot = torch.zeros(M, device=device)
         for x, y in val_set:
             xe, ye = x.expand(M, *x.shape), y.expand(M, *y.shape)
-            with autocast(), eval_attention(device):
+            with autocast(), sdpa_backends(EVAL_SDPA, device):
                 tot += eval_fn(W, xe, ye)
         vals = (tot / len(val_set)).tolist()
         return [vals[r] for r in rows] if whole else vals

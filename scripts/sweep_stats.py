@@ -55,19 +55,18 @@ def main(argv=None) -> int:
         print(f"{uri}: {len(runs)} finished sweep runs; " + ", ".join(
             f"{k} {v:.2f}" for k, v in tl.items() if v is not None))
         groups: dict[tuple, int] = {}  # each batched pass's own timings (the same on each of its runs), how many runs
+        best: dict[int, tuple[float, float]] = {}
         for r in runs:
             g = tuple(sorted((k, v) for k, v in r.data.metrics.items() if k.startswith("group_")))
             if g:
                 groups[g] = groups.get(g, 0) + 1
-        for g, n in groups.items():
-            print(f"  group of {n} runs: " + ", ".join(f"{k} {v:.2f}" for k, v in g))
-        best: dict[int, tuple[float, float]] = {}
-        for r in runs:
             v = r.data.metrics.get("final_val_loss")
             losses.setdefault(r.info.run_name, []).append(v)
             b, lr = int(r.data.params["batch_size"]), float(r.data.params["lr"])
             if v is not None and (b not in best or v < best[b][1]):
                 best[b] = (lr, v)
+        for g, n in groups.items():
+            print(f"  group of {n} runs: " + ", ".join(f"{k} {v:.2f}" for k, v in g))
         print("  argmin LR per B: " + ", ".join(f"B={b}: {lr:g} ({v:.4f})" for b, (lr, v) in sorted(best.items())))
     full = {n: v for n, v in losses.items() if len(v) == len(a.stores) and None not in v}
     spreads = {n: max(v) - min(v) for n, v in full.items()}
