@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from scaling.batched import WARM_TICKS, train_group  # noqa: E402
+from scaling.batched import WARM_TICKS, flex_spec, train_group  # noqa: E402
 from scaling.config import DataConfig, ModelConfig, load_phase  # noqa: E402
 from scaling.data import BatchSampler, load_corpus, random_corpus  # noqa: E402
 from scaling.model import build_model, decay_mask  # noqa: E402
@@ -49,6 +49,7 @@ from scaling.train import Hooks, lr_at, resolve_device, train  # noqa: E402
 
 
 T0 = time.perf_counter()
+RECORD_PARTS = ("all", "metrics", "checkpoints", "none")
 
 
 def flops_per_token(mc, n_params: int) -> float:
@@ -56,7 +57,7 @@ def flops_per_token(mc, n_params: int) -> float:
 
 
 def parse_variant(variant: str) -> dict:
-    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEXBWD]]]]] → train_group keyword arguments.
+    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEX]]]]] → train_group keyword arguments.
 
     COMPILE: eager, compile (default mode), cdt (default mode + coordinate-descent tuning of the
     generated kernels), magemm (default mode + autotuned Triton matmul templates, which can take the
@@ -66,9 +67,11 @@ def parse_variant(variant: str) -> dict:
     (default = torch's choice, flash, efficient, cudnn, math); SCOPE:
     graph (compile the whole pass, train_group's default) or block (one block, reused per layer);
     CUDAGRAPH: cg (the step replayed as a CUDA graph), nocg (launched every step) or auto (train_group's
-    default: cg when compiling on CUDA); FLEXBWD: the tiles of FlexAttention's backward kernels,
-    M1.N1.M2.N2.STAGES.WARPS (e.g. 32.64.64.32.3.4; inductor's default on an H100 at head dim 32 is
-    64.64.64.64.3.4).
+    default: cg when compiling on CUDA); FLEX: FlexAttention's options as BLOCK/FWD/BWD
+    (:func:`scaling.batched.flex_spec`: the block mask's block size, the forward's M.N.STAGES.WARPS, the
+    backward's M1.N1.M2.N2.STAGES.WARPS, "-" for a default; six integers alone are the backward's), e.g.
+    64/-/32.64.64.32.3.4; none: train_group's default (``scaling.batched.FLEX_TUNED`` where measured);
+    -/-/-: inductor's defaults (on an H100 at head dim 32: 128/64.64.3.4/64.64.64.64.3.4).
     """
     parts = variant.split(":")
     comp = parts[0]
@@ -79,14 +82,11 @@ def parse_variant(variant: str) -> dict:
     compile_arg = {"eager": False, "compile": True, "cdt": {"coordinate_descent_tuning": True},
                    "magemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}.get(comp, comp)
     kw = {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope, "cuda_graph": graph}
-    if parts[5:6]:
+    if parts[5:6] and parts[5]:
         try:
-            m1, n1, m2, n2, stages, warps = (int(x) for x in parts[5].split("."))
-        except ValueError:
-            raise ValueError(f"variant {variant!r}: FLEXBWD must be six integers M1.N1.M2.N2.STAGES.WARPS, "
-                             f"got {parts[5]!r}") from None
-        kw["flex_options"] = {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2, "bwd_BLOCK_N2": n2,
-                              "bwd_num_stages": stages, "bwd_num_warps": warps}
+            kw["flex_options"] = flex_spec(parts[5])
+        except ValueError as e:
+            raise ValueError(f"variant {variant!r}: {e}") from None
     return kw
 
 
@@ -224,9 +224,11 @@ class Bench:
         p = self.phase.with_overrides(steps=steps, **over)
         return [p.run_config(b, lr, clip, seed) for b, lr, clip, seed in self.points]
 
-    def recorders(self, cfgs) -> tuple[list, object, float]:
+    def recorders(self, cfgs, parts: str = "all") -> tuple[list, object, float]:
         """What `scaling sweep` attaches to a group: one MLflow run per config in a fresh SQLite store, one
-        metric-sink thread and one checkpoint-writer thread. Returns (hooks, close, seconds to create)."""
+        metric-sink thread and one checkpoint-writer thread. Returns (hooks, close, seconds to create).
+        ``parts`` (RECORD_PARTS): "all" as the sweep; "metrics" without the checkpoints, "checkpoints"
+        without the metrics, "none" neither (the threads exist and idle): what each part costs."""
         import tempfile
 
         from scaling import runner, tracking
@@ -236,17 +238,28 @@ class Bench:
         sink, writer = runner.MetricSink(client), runner.CheckpointWriter(client)
         recs = [runner.RunRecorder(client, runner.start_run(client, c, self.corpus, self.device, "bench"), sink, writer)
                 for c in cfgs]
+        hooks = [r.hooks() for r in recs]
+        if parts != "all":
+            from scaling.train import Hooks
+
+            def keep(h):
+                return Hooks(on_log=h.on_log if parts == "metrics" else Hooks.on_log,
+                             on_eval=h.on_eval if parts == "metrics" else Hooks.on_eval,
+                             on_checkpoint=h.on_checkpoint if parts == "checkpoints" else Hooks.on_checkpoint,
+                             on_step=h.on_step)
+            hooks = [keep(h) for h in hooks]
 
         def close():
             sink.close()
             writer.close()
             shutil.rmtree(d, ignore_errors=True)  # a throwaway store
 
-        return [r.hooks() for r in recs], close, time.perf_counter() - t
+        return hooks, close, time.perf_counter() - t
 
-    def run_c(self, variant: str, record: bool = False, switch_s: float | None = None) -> None:
+    def run_c(self, variant: str, record: bool = False, switch_s: float | None = None, parts: str = "all") -> None:
         """Train the grid with one train_group variant, bare or (``record``) recording into MLflow as the
-        sweep does, with Python's thread switch interval set to ``switch_s`` while it trains."""
+        sweep does, with Python's thread switch interval set to ``switch_s`` while it trains; ``parts``: which
+        of the recording's hooks act (RECORD_PARTS)."""
         kw = parse_variant(variant)
         n = self.args.group_steps
         # with --record, both runs of a variant checkpoint 3 times (only the recorded one writes them)
@@ -254,9 +267,9 @@ class Bench:
         eval_interval = max(1, n // 2)
         cfgs = self.grid_cfgs(n, eval_interval=eval_interval, checkpoint_every=every)
         tm: dict = {}
-        hooks, close, create_s = self.recorders(cfgs) if record else (None, None, 0.0)
+        hooks, close, create_s = self.recorders(cfgs, parts) if record else (None, None, 0.0)
         if record:
-            variant = f"{variant}+record@{switch_s * 1e3:g}ms"
+            variant = f"{variant}+record{'' if parts == 'all' else f'[{parts}]'}@{switch_s * 1e3:g}ms"
         else:
             fresh_compile()
         self.sync()
@@ -485,10 +498,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--paths", default="a,b,c", help="which of a,b,c to measure")
     ap.add_argument("--variants", default="eager:slots",
-                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEXBWD]]]]] "
+                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEX]]]]] "
                          "(see parse_variant): COMPILE in eager, compile, cdt, magemm or a torch.compile mode; LAYOUT in "
                          "slots, groups; ATTENTION in auto, flex, default, flash, efficient, cudnn, math; SCOPE in graph, "
-                         "block; CUDAGRAPH in cg, nocg, auto; FLEXBWD M1.N1.M2.N2.STAGES.WARPS (FlexAttention's backward tiles)")
+                         "block; CUDAGRAPH in cg, nocg, auto; FLEX BLOCK/FWD/BWD (FlexAttention options, scaling.batched.flex_spec)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="override the grid's batch sizes")
     ap.add_argument("--lrs", type=float, nargs="+", help="override the grid's learning rates")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per batch size for (a) and (b)")
@@ -500,6 +513,9 @@ def main(argv=None) -> int:
     ap.add_argument("--record-switch-s", default="",
                     help="with --record: Python thread switch intervals (s, comma-separated) to record under, one "
                          "recorded run each (default: the one `scaling sweep` sets, scaling.runner.GIL_SWITCH_S)")
+    ap.add_argument("--record-parts", default="all",
+                    help=f"with --record: which hooks act, comma-separated of {', '.join(RECORD_PARTS)} (one recorded "
+                         "run each): all as the sweep, metrics only, checkpoints only, none (threads idle)")
     ap.add_argument("--check", action="store_true", help="compare losses: batched vs alone, bf16 vs fp32")
     ap.add_argument("--check-steps", type=int, default=300)
     ap.add_argument("--check-variant", default="eager", help="the train_group variant --check runs (batched paths)")
@@ -531,6 +547,9 @@ def main(argv=None) -> int:
         args.eval_batches = args.eval_batches or 1
         torch.set_num_threads(1)
     args.variants = [v for v in args.variants.split(",") if v]
+    bad = [p for p in args.record_parts.split(",") if p not in RECORD_PARTS]
+    if bad:
+        ap.error(f"--record-parts: {', '.join(bad)} not in {', '.join(RECORD_PARTS)}")
     if args.cold:
         import torch._functorch.config as functorch_config
         import torch._inductor.config as inductor_config
@@ -552,8 +571,9 @@ def main(argv=None) -> int:
                 bench.run_c(v)
                 if args.record:
                     from scaling.runner import GIL_SWITCH_S
-                    for sw in (args.record_switch_s.split(",") if args.record_switch_s else [GIL_SWITCH_S]):
-                        bench.run_c(v, record=True, switch_s=float(sw))
+                    for parts in args.record_parts.split(","):
+                        for sw in (args.record_switch_s.split(",") if args.record_switch_s else [GIL_SWITCH_S]):
+                            bench.run_c(v, record=True, switch_s=float(sw), parts=parts)
             except Exception as e:  # one failing variant must not cost the others' numbers
                 print(f"[c train_group {v}] FAILED: {type(e).__name__}: {e}", flush=True)
                 bench.out["c_failed"] = {**bench.out.get("c_failed", {}), v: f"{type(e).__name__}: {e}"}

@@ -84,18 +84,63 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def flex_causal(T: int, device: torch.device, kernel_options: dict | None = None):
+def flex_causal(T: int, device: torch.device, options: dict | None = None):
     """Causal attention through FlexAttention (``attention="flex"``): under ``torch.compile`` a Triton
     kernel generated for this shape (forward and backward), instead of one of the SDPA backends.
-    ``kernel_options``: FlexAttention's (tile sizes and stages of its kernels, e.g. ``bwd_BLOCK_M1``);
-    None: inductor's defaults."""
+    ``options``: FlexAttention's ``kernel_options`` (tile sizes, stages, warps of its kernels, e.g.
+    ``bwd_BLOCK_M1``) and ``BLOCK_SIZE``, the block mask's block size (default 128; at context 128 a
+    smaller one lets the kernels skip the blocks above the diagonal); None: inductor's defaults."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
-    options = dict(kernel_options) if kernel_options else None
+    options = dict(options or {})
+    block = options.pop("BLOCK_SIZE", None)
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device,
+                             **({"BLOCK_SIZE": block} if block else {}))
+    kernel_options = options or None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return flex_attention(q, k, v, block_mask=mask, kernel_options=options)
+        return flex_attention(q, k, v, block_mask=mask, kernel_options=kernel_options)
     return attend
+
+
+# FlexAttention options measured fastest per (CUDA capability, head dim): benchmarks/bench_flex.py, then the
+# whole step (docs/performance.md, sixth round: sm90, measured on an H100, at head dim 32, 0.98 → 0.74 ms per layer forward and
+# backward, 16.20 → 15.29 ms per step of the phase 2.5 grid). Anywhere else inductor's defaults.
+FLEX_TUNED: dict[tuple[tuple[int, int], int], str] = {((9, 0), 32): "64/-/32.64.64.32.1.4"}
+
+
+def tuned_flex_options(device: torch.device, head_dim: int) -> dict | None:
+    """FlexAttention options of ``FLEX_TUNED`` for this device's GPU and head dim, or None (defaults)."""
+    if device.type != "cuda":
+        return None
+    spec = FLEX_TUNED.get((torch.cuda.get_device_capability(device), head_dim))
+    return flex_spec(spec) if spec else None
+
+
+FLEX_FWD_KEYS = ("fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_stages", "fwd_num_warps")
+FLEX_BWD_KEYS = ("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2", "bwd_num_stages", "bwd_num_warps")
+
+
+def flex_spec(spec: str) -> dict:
+    """FlexAttention options (``train_group(flex_options=)``) from ``BLOCK/FWD/BWD``: the block mask's block
+    size, the forward's ``M.N.STAGES.WARPS`` and the backward's ``M1.N1.M2.N2.STAGES.WARPS``, each part "-"
+    (or empty) for inductor's default; a spec without "/" is the backward's alone. "64/-/32.64.64.32.3.4":
+    blocks of 64, the default forward, backward tiles 32/64/64/32, 3 stages, 4 warps."""
+    parts = spec.split("/") if "/" in spec else ["", "", spec]
+    if len(parts) != 3:
+        raise ValueError(f"flex spec {spec!r}: want BLOCK/FWD/BWD")
+    out: dict = {}
+    for text, keys, want in zip(parts, (("BLOCK_SIZE",), FLEX_FWD_KEYS, FLEX_BWD_KEYS),
+                                ("BLOCK", "M.N.STAGES.WARPS", "M1.N1.M2.N2.STAGES.WARPS")):
+        if text in ("", "-"):
+            continue
+        try:
+            values = [int(x) for x in text.split(".")]
+        except ValueError:
+            values = []
+        if len(values) != len(keys) or min(values) <= 0:
+            raise ValueError(f"flex spec {spec!r}: {text!r} is not {want} (positive integers)")
+        out.update(zip(keys, values))
+    return out
 
 
 def _block(h: torch.Tensor, ln1w: torch.Tensor, ln1b: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor,
@@ -396,10 +441,11 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     FlexAttention; with ``scope="graph"`` the evaluation's forward is compiled too (default mode).
     cuda_graph: "on" records the whole training step (batch gather, forward, backward, clip, AdamW,
     statistics) as one CUDA graph after the first ticks of each pass and replays it every step: no
-    kernel launches from Python, and the threads that log and checkpoint beside it no longer slow the
-    steps down (measured, docs/performance.md); "auto" (default) = on when compiling on CUDA; "off".
-    flex_options: FlexAttention's ``kernel_options`` (its kernels' tile sizes, stages, warps) when attention
-    is flex; None: inductor's defaults.
+    kernel launches from Python, and the threads that log and checkpoint beside it slow the steps down
+    less (measured, docs/performance.md); "auto" (default) = on when compiling on CUDA; "off".
+    flex_options: FlexAttention's options when attention is flex (:func:`flex_causal`, :func:`flex_spec`: the
+    block mask's block size, its kernels' tiles, stages, warps); None: those measured fastest on this GPU
+    at this head dim (``FLEX_TUNED``) if any, else inductor's defaults; ``{}``: inductor's defaults.
     layout: "slots" or "groups" (see the module docstring). precision: "auto" (bf16 autocast on CUDA,
     fp32 elsewhere, as train.py), "fp32" or "bf16". timings: if a dict is given it is filled with
     ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
@@ -439,6 +485,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         attention = "flex" if cuda and compile else "default"
     if flex_options and attention != "flex":
         raise ValueError(f"flex_options are FlexAttention's, but the attention is {attention!r}")
+    if attention == "flex" and flex_options is None:
+        flex_options = tuned_flex_options(device, mc.d_model // mc.n_heads)
     use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
     # no autocast weight cache under a CUDA graph: a cached cast made while recording would be stale
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not use_graph))

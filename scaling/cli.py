@@ -49,8 +49,8 @@ COMPILE_MODE = click.option(
     "--compile-mode", type=click.Choice(list(COMPILE_MODES)), default="default", show_default=True,
     envvar="SCALING_COMPILE_MODE", help="torch.compile mode of the batched step (env SCALING_COMPILE_MODE): "
     "max-autotune-gemm autotunes the matmuls, max-autotune also the pointwise and attention kernels: "
-    "minutes more compile the first time a grid's shapes are seen; whole sweeps measured no faster than the "
-    "default yet (docs/performance.md).")
+    "one to several minutes more compile the first time a grid's shapes are seen; whole sweeps measured at "
+    "most 2% faster than the default (docs/performance.md).")
 
 
 def _compile_arg(on: bool, mode: str, batched: bool = True):

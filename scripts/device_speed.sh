@@ -5,6 +5,8 @@
 #   BENCH_VARIANTS="compile:slots:flex:graph:cg,compile:slots:default:graph:nocg" bash scripts/device_speed.sh
 #   SWEEP_RUNS="cold warm" bash scripts/device_speed.sh          # the two sweeps only
 #
+# FLEX_BENCH=1 first runs benchmarks/bench_flex.py on its candidates (or on the specs FLEX_BENCH lists); "@FLEX"
+# in BENCH_VARIANTS then stands for its fastest spec (BENCH_VARIANTS="compile:slots:flex:graph:cg,compile:slots:flex:graph:cg:@FLEX").
 # BENCH_EXTRA adds options to the benchmark (e.g. "--group-steps 400 --record"); SWEEP_RUNS="" runs no sweep.
 # SWEEP_ARGS adds options to every sweep (e.g. "--compile-mode max-autotune"); a word "KIND@MODE" of SWEEP_RUNS
 # runs that sweep with --compile-mode MODE (SWEEP_RUNS="warm@max-autotune cold").
@@ -25,10 +27,18 @@ LOG="$OUT/speed.log"
 source scripts/device_env.sh  # wheels, bytecode (written before anything is timed), data (not in a pipe: it exports)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
-if [ -n "${BENCH_VARIANTS:-}" ]; then
+if [ -n "${FLEX_BENCH:-}" ]; then  # FLEX_BENCH=1: the built-in candidates; else a comma-separated list of specs
+  specs=(); [ "$FLEX_BENCH" != 1 ] && specs=(--specs "$FLEX_BENCH")
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-flex TRITON_CACHE_DIR=/tmp/triton-flex python3 benchmarks/bench_flex.py \
+      ${specs[@]+"${specs[@]}"} --out "$OUT/flex.json" 2>&1 | grep -v -i warn | tee -a "$LOG" "$OUT/flex.txt"
+  BEST_FLEX=$(tail -1 "$OUT/flex.txt")  # the fastest spec that matched the first
+  [[ "$BEST_FLEX" =~ ^[-0-9./]+$ ]] || BEST_FLEX=""  # none: train_group's default options
+  echo "fastest flex spec: $BEST_FLEX" | tee -a "$LOG"
+fi
+if [ -n "${BENCH_VARIANTS:-}" ]; then  # "@FLEX" in a variant: the flex bench's fastest spec
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-bench TRITON_CACHE_DIR=/tmp/triton-bench python3 benchmarks/bench_grid.py \
-      --paths c --group-steps 150 --variants "$BENCH_VARIANTS" ${BENCH_EXTRA:-} --out "$OUT/bench.json" 2>&1 \
-      | grep -v -i warn | tee -a "$LOG"
+      --paths c --group-steps 150 --variants "${BENCH_VARIANTS//@FLEX/${BEST_FLEX:-}}" ${BENCH_EXTRA:-} \
+      --out "$OUT/bench.json" 2>&1 | grep -v -i warn | tee -a "$LOG"
 fi
 for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   run=${word%@*} mode_args=()  # "warm@max-autotune": this sweep with --compile-mode max-autotune

@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     for uri in a.stores:
         client = tracking.connect(uri)
         runs = finished_runs(client, a.phase)
+        if not runs:  # e.g. a "prime" sweep stopped at its limit: its runs are KILLED
+            print(f"{uri}: no finished sweep runs")
+            continue
         tl = timeline(client, runs, a.run)
         print(f"{uri}: {len(runs)} finished sweep runs; " + ", ".join(
             f"{k} {v:.2f}" for k, v in tl.items() if v is not None))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from scaling.batched import train_group
+from scaling.batched import FLEX_TUNED, flex_spec, train_group, tuned_flex_options
 from scaling.config import _validated
 from scaling.data import load_corpus
 from scaling.train import Hooks, Pruned, train
@@ -183,12 +183,11 @@ def test_flex_attention_equals_sdpa(on_cuda):
     res_f, recs_f = run_group(cfgs, corpus, compile=True, attention="flex", **kw)
     for re_, rce, rf, rcf in zip(res_e, recs_e, res_f, recs_f):
         assert_same_run(re_, rce, rf, rcf, rel=1e-3)
-    # other tiles for FlexAttention's backward (the bench's FLEXBWD field): the same arithmetic
-    tiles = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_stages": 3,
-             "bwd_num_warps": 4}
-    res_t, recs_t = run_group(cfgs, corpus, compile=True, attention="flex", flex_options=tiles, **kw)
-    for re_, rce, rt, rct in zip(res_e, recs_e, res_t, recs_t):
-        assert_same_run(re_, rce, rt, rct, rel=1e-3)
+    # other FlexAttention options (block-mask blocks, forward and backward tiles): the same arithmetic
+    for spec in ("64/-/32.64.64.32.3.4", "16/16.16.1.4/16.16.16.16.1.4"):
+        res_t, recs_t = run_group(cfgs, corpus, compile=True, attention="flex", flex_options=flex_spec(spec), **kw)
+        for re_, rce, rt, rct in zip(res_e, recs_e, res_t, recs_t):
+            assert_same_run(re_, rce, rt, rct, rel=1e-3)
 
 
 def test_flex_options_need_flex_attention(setup):
@@ -199,6 +198,24 @@ def test_flex_options_need_flex_attention(setup):
     with pytest.raises(ValueError, match="flex_options"):
         train_group(cfgs, corpus, CPU, flex_options={"bwd_BLOCK_M1": 32})
     assert timing_metrics({}) == {}
+
+
+def test_flex_spec():
+    """BLOCK/FWD/BWD → FlexAttention's options; "-" keeps a default; a malformed part names itself."""
+    assert flex_spec("-/-/-") == {}
+    assert flex_spec("64/-/32.64.64.32.3.4") == {
+        "BLOCK_SIZE": 64, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+        "bwd_num_stages": 3, "bwd_num_warps": 4}
+    assert flex_spec("-/128.64.3.4/") == {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3,
+                                          "fwd_num_warps": 4}
+    assert flex_spec("16.64.64.16.1.4") == flex_spec("-/-/16.64.64.16.1.4")  # the backward's alone
+    assert tuned_flex_options(CPU, 32) is None
+    for spec in FLEX_TUNED.values():
+        assert flex_spec(spec)
+    for bad, part in (("64/-", "BLOCK/FWD/BWD"), ("0/-/-", "'0'"), ("-/64.64.3/-", "'64.64.3'"),
+                      ("-/-/a.b.c.d.e.f", "'a.b.c.d.e.f'")):
+        with pytest.raises(ValueError, match=part):
+            flex_spec(bad)
 
 
 @pytest.mark.parametrize("layout", ["slots", "groups"])
