@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from scaling.batched import flex_causal, flex_spec  # noqa: E402
-from scaling.config import load_phase  # noqa: E402
+from scaling.config import error_line, load_phase  # noqa: E402
 
 # BLOCK/FWD/BWD: inductor's defaults first (the reference), then the backward's tiles inductor's
 # max-autotune would try at head dim 32 (M1 = N2 ∈ {32, 64}, N1 = M2 ∈ {32, 64, 128}) at a few stage
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                 row["compile_s"] = round(time.perf_counter() - t0, 1)
                 row["ms"] = round(timed(fn, args.iters), 4)
         except Exception as e:  # a tile set the kernel rejects (shared memory, static asserts): next one
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            row["error"] = error_line(e)
             print(f"  {spec:32s} failed: {row['error']}")
             rows.append(row)
             continue

@@ -103,8 +103,9 @@ def flex_causal(T: int, device: torch.device, options: dict | None = None):
 
 
 # FlexAttention options measured fastest per (CUDA capability, head dim): benchmarks/bench_flex.py, then the
-# whole step (docs/performance.md, sixth round: sm90, measured on an H100, at head dim 32, 0.98 → 0.74 ms per layer forward and
-# backward, 16.20 → 15.29 ms per step of the phase 2.5 grid). Anywhere else inductor's defaults.
+# whole step (docs/performance.md, sixth round: sm90, measured on an H100, at head dim 32: 0.98 → 0.74 ms
+# per layer forward and backward, 16.20 → 15.29 ms per step of the phase 2.5 grid). Elsewhere inductor's
+# defaults.
 FLEX_TUNED: dict[tuple[tuple[int, int], int], str] = {((9, 0), 32): "64/-/32.64.64.32.1.4"}
 
 
