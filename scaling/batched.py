@@ -806,8 +806,10 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 mb.n_interval += 1
                 try:
                     mb.hooks.on_step(mb.step)
-                except Pruned:
-                    stopped.append(stop(mb, "PRUNED"))
+                except Pruned:  # the sums its earlier steps logged reach its hooks first, as in train.py
+                    stopped += deliver_logs(wait=True)
+                    if mb.running:
+                        stopped.append(stop(mb, "PRUNED"))
             if t0 is not None:
                 sync()
                 tm["warm"].append(time.perf_counter() - t0)

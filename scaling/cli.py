@@ -6,11 +6,19 @@ option, missing or malformed value) — is one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 
 import click
 
 from scaling.config import COMPILE_MODES, ConfigError
+
+# At exit the interpreter's garbage collector walks every object still alive: after a compiled run
+# millions (torch, its compiler, sympy, MLflow, SQLAlchemy). By then everything is written (runs ended,
+# background writers drained), so they are left out of those last collections: a tiny compiled sweep on
+# a 2-core machine exited in 0.33-0.38 s instead of 2.69-2.75 s (docs/performance.md, seventh round).
+atexit.register(gc.freeze)
 
 
 def _comma_list(convert, what: str):

@@ -20,6 +20,9 @@
 #    (default 60) seconds (stats to $OUT/sweep-profile.prof). Wall time of each, logs and the MLflow
 #    databases go to $OUT. (The caches cannot come back through $OUT: packed, they were 18 MB, over its
 #    limit; a warm sweep needs a cold one or a prime before it on the same machine.)
+#    A word ending in "+old" ("warm+old") runs that sweep with the package in $OLD_CODE (default build/old,
+#    made by `mkdir -p build/old && git archive COMMIT scaling | tar -x -C build/old`, carried as "build"):
+#    an earlier commit against this one on the same machine.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,9 +44,13 @@ if [ -n "${BENCH_VARIANTS:-}" ]; then  # "@FLEX" in a variant: the flex bench's 
       --out "$OUT/bench.json" 2>&1 | grep -v -i warn | tee -a "$LOG"
 fi
 for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
+  code=$PWD
+  case $word in *+old) word=${word%+old}; code=$PWD/${OLD_CODE:-build/old} ;; esac
+  [ -d "$code/scaling" ] || { echo "no package in $code"; continue; }
+  python3 -m compileall -q "$code/scaling" >/dev/null 2>&1  # its bytecode, as device_env.sh writes ours
   run=${word%@*} mode_args=()  # "warm@max-autotune": this sweep with --compile-mode max-autotune
   [ "$word" != "$run" ] && mode_args=(--compile-mode "${word#*@}")
-  name=${word//@/-}
+  name=${word//@/-}$([ "$code" != "$PWD" ] && echo -old)
   rm -rf "sweep-$name"  # a fresh store (ignored folders survive on a machine kept warm between calls)
   case $run in cold|prime) rm -rf /tmp/inductor-sweep /tmp/triton-sweep ;; esac
   limit=${SWEEP_TIMEOUT:-300}
@@ -54,9 +61,11 @@ for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   esac
   t=$(date +%s.%N)
   # SIGINT (not SIGTERM) at the limit: cProfile writes its stats on KeyboardInterrupt
-  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep timeout -s INT -k 30 "$limit" \
+  PYTHONPATH=/tmp/site:$code TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep \
+      timeout -s INT -k 30 "$limit" \
       "${run_py[@]}" -m scaling.cli sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$name/mlflow.db" \
       --quiet ${SWEEP_ARGS:-} ${mode_args[@]+"${mode_args[@]}"} 2>&1 | grep -v -i warn | tail -40 | tee -a "$LOG"
-  echo "sweep $word: wall $(python3 -c "print(round($(date +%s.%N) - $t, 1))") s" | tee -a "$LOG"
+  e=$(date +%s.%N)  # start and end (epoch s): against the parent run's in the store (scripts/sweep_stats.py)
+  echo "sweep $name: wall $(python3 -c "print(round($e - $t, 1))") s (start $t end $e)" | tee -a "$LOG"
   [ -f "sweep-$name/mlflow.db" ] && gzip -c "sweep-$name/mlflow.db" > "$OUT/sweep-$name-mlflow.db.gz"
 done

@@ -3,7 +3,8 @@
     python scripts/sweep_stats.py sqlite:///a/mlflow.db sqlite:///b/mlflow.db ... [--phase 2_5] [--run B32-lr0.001]
 
 Per store, from the store's own timestamps: the span of the phase's runs, the time from the first run's
-creation to step 50 of the run named --run (a prefix), the mean step time from step 50 to its last
+creation to step 50 of the run named --run (a prefix), the sweep's parent run's start and end (epoch
+seconds), the mean step time from step 50 to its last
 step, and the step time over steps 1,050–1,450 (no evaluation or checkpoint inside for phase 2.5); the
 batched pass's own timings (``group_*`` metrics: setup, first ticks with the compile, steady step).
 Across stores: each configuration's final_val_loss in every store and its spread (max − min), and the
@@ -35,7 +36,12 @@ def timeline(client, runs, prefix: str) -> dict:
     ts = {m.step: m.timestamp for m in client.get_metric_history(run.info.run_id, "train_loss")}
     last = max(ts)
     first = 50 if 50 in ts else min(ts)  # step 50 with the built-in phases' logging interval
-    return {"span_s": (max(r.info.end_time for r in runs) - t0) / 1e3,
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"]).info if "mlflow.parentRunId" in run.data.tags else None
+    # the parent run's start and end (epoch seconds): against the sweep process's own start and end
+    # (scripts/device_speed.sh prints them), the time before the sweep's first run and after its last
+    return {"parent_start": parent.start_time / 1e3 if parent else None,
+            "parent_end": parent.end_time / 1e3 if parent and parent.end_time else None,
+            "span_s": (max(r.info.end_time for r in runs) - t0) / 1e3,
             "to_step50_s": (ts[first] - t0) / 1e3,
             "ms_per_step_50_to_last": (ts[last] - ts[first]) / max(last - first, 1),
             "ms_per_step_1050_1450": (ts[1450] - ts[1050]) / 400 if 1450 in ts and 1050 in ts else None}
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
             continue
         tl = timeline(client, runs, a.run)
         print(f"{uri}: {len(runs)} finished sweep runs; " + ", ".join(
-            f"{k} {v:.2f}" for k, v in tl.items() if v is not None))
+            f"{k} {v:.3f}" if k.startswith("parent") else f"{k} {v:.2f}" for k, v in tl.items() if v is not None))
         groups: dict[tuple, int] = {}  # each batched pass's own timings (the same on each of its runs), how many runs
         best: dict[int, tuple[float, float]] = {}
         for r in runs:

@@ -35,9 +35,9 @@ METRICS = ("train_loss", "grad_norm_before_clip", "grad_norm_after_clip", "clip_
 class Recorder:
     """Every hook call of one run, in order (checkpoint states deep-copied: they may hold live tensors)."""
 
-    def __init__(self, prune_at: int | None = None):
+    def __init__(self, prune_at: int | None = None, prune_step: int | None = None):
         self.logs, self.evals, self.ckpts, self.steps = [], [], [], []
-        self.prune_at = prune_at
+        self.prune_at, self.prune_step = prune_at, prune_step  # Pruned from on_eval / on_step at that step
 
     def hooks(self) -> Hooks:
         def on_eval(step, val):
@@ -45,9 +45,13 @@ class Recorder:
             if self.prune_at is not None and step >= self.prune_at:
                 raise Pruned()
 
+        def on_step(step):
+            self.steps.append(step)
+            if step == self.prune_step:
+                raise Pruned()
+
         return Hooks(on_log=lambda s, m: self.logs.append((s, m)), on_eval=on_eval,
-                     on_checkpoint=lambda s, st: self.ckpts.append((s, copy.deepcopy(st))),
-                     on_step=self.steps.append)
+                     on_checkpoint=lambda s, st: self.ckpts.append((s, copy.deepcopy(st))), on_step=on_step)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -170,6 +174,39 @@ def test_cuda_graph_equals_launched_step(on_cuda, compile_):
     res_g, recs_g = run_group(cfgs, corpus, cuda_graph="on", **kw)
     for rl, rcl, rg, rcg in zip(res_l, recs_l, res_g, recs_g):
         assert_same_run(rl, rcl, rg, rcg, rel=1e-5)
+
+
+@needs_cuda
+def test_cuda_logs_equal_train_alone(on_cuda):
+    """On a GPU the logged sums reach on_log once the GPU has made them (ticks later, no wait): the same
+    hook calls at the same steps as train() alone on the same GPU — also for a model pruned at its step-10
+    evaluation and for one pruned by on_step at step 15, whose logs of steps 1-14 still arrive (on_step, a
+    progress count, may run ahead of on_log). Both in bf16 autocast, train()'s precision on CUDA: only the
+    first step's values are compared, to bf16 tolerance (later ones drift apart with the rounding)."""
+    corpus, cfgs = on_cuda
+    cuda = torch.device("cuda")
+    recs = [Recorder(), Recorder(prune_at=10), Recorder(prune_step=15)]
+    hooks = [r.hooks() for r in recs]
+    on_step = hooks[2].on_step
+
+    def gpu_behind(step):  # the GPU falls behind: at step 15 the sums logged at step 14 are still on their way
+        if step == 14:
+            torch.cuda._sleep(500_000_000)
+        on_step(step)
+
+    hooks[2].on_step = gpu_behind
+    res = train_group(cfgs, corpus, cuda, hooks)
+    alone = [Recorder(), Recorder(prune_at=10), Recorder(prune_step=15)]
+    res_a = [train(c, corpus, cuda, r.hooks()) for c, r in zip(cfgs, alone)]
+    assert [r.status for r in res] == ["FINISHED", "PRUNED", "PRUNED"] and res[2].steps_done == 15
+    assert [s for s, _ in recs[2].logs] == list(range(1, 15))
+    for r, rec, ra, reca in zip(res, recs, res_a, alone):
+        assert (r.status, r.steps_done) == (ra.status, ra.steps_done)
+        for calls, calls_a in ((rec.logs, reca.logs), (rec.evals, reca.evals), (rec.ckpts, reca.ckpts)):
+            assert [s for s, _ in calls] == [s for s, _ in calls_a]
+        assert [s for s in rec.steps if s <= r.steps_done] == reca.steps
+        (s, m), (_, ma) = rec.logs[0], reca.logs[0]
+        assert s == 1 and all(close(m[k], ma[k], 2e-2) for k in METRICS), (m, ma)
 
 
 @needs_cuda
