@@ -2,11 +2,11 @@
 
     python scripts/sweep_stats.py sqlite:///a/mlflow.db sqlite:///b/mlflow.db ... [--phase 2_5] [--run B32-lr0.001]
 
-Per store, from the store's own timestamps: the span of the phase's runs, the time from the first run's
-creation to step 50 of the run named --run (a prefix), the sweep's parent run's start and end (epoch
-seconds), the mean step time from step 50 to its last
-step, and the step time over steps 1,050–1,450 (no evaluation or checkpoint inside for phase 2.5); the
-batched pass's own timings (``group_*`` metrics: setup, first ticks with the compile, steady step).
+Per store, from the store's own timestamps: the sweep's parent run's start and end (epoch seconds), the
+span of the phase's runs, the time from the first run's creation to step 50 of the run named --run (a
+prefix), the mean step time from step 50 to its last step, and the step time over steps 1,050–1,450 (no
+evaluation or checkpoint inside for phase 2.5); the batched pass's own timings (``group_*`` metrics:
+setup, first ticks with the compile, steady step).
 Across stores: each configuration's final_val_loss in every store and its spread (max − min), and the
 argmin LR per batch size in each store.
 """

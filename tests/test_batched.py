@@ -180,9 +180,10 @@ def test_cuda_graph_equals_launched_step(on_cuda, compile_):
 def test_cuda_logs_equal_train_alone(on_cuda):
     """On a GPU the logged sums reach on_log once the GPU has made them (ticks later, no wait): the same
     hook calls at the same steps as train() alone on the same GPU — also for a model pruned at its step-10
-    evaluation and for one pruned by on_step at step 15, whose logs of steps 1-14 still arrive (on_step, a
-    progress count, may run ahead of on_log). Both in bf16 autocast, train()'s precision on CUDA: only the
-    first step's values are compared, to bf16 tolerance (later ones drift apart with the rounding)."""
+    evaluation and for one pruned by on_step at step 15 while the sums of its step 14 are still on their
+    way (the GPU held back by a sleep kernel): its logs of steps 1-14 all arrive (on_step, a progress
+    count, may run ahead of on_log). Both in bf16 autocast, train()'s precision on CUDA: only the first
+    step's values are compared, to bf16 tolerance (later ones drift apart with the rounding)."""
     corpus, cfgs = on_cuda
     cuda = torch.device("cuda")
     recs = [Recorder(), Recorder(prune_at=10), Recorder(prune_step=15)]
