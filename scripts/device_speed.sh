@@ -47,7 +47,7 @@ for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   code=$PWD
   case $word in *+old) word=${word%+old}; code=$PWD/${OLD_CODE:-build/old} ;; esac
   [ -d "$code/scaling" ] || { echo "no package in $code"; continue; }
-  python3 -m compileall -q "$code/scaling" >/dev/null 2>&1  # its bytecode, as device_env.sh writes ours
+  [ "$code" != "$PWD" ] && python3 -m compileall -q "$code/scaling" >/dev/null 2>&1  # as device_env.sh does ours
   run=${word%@*} mode_args=()  # "warm@max-autotune": this sweep with --compile-mode max-autotune
   [ "$word" != "$run" ] && mode_args=(--compile-mode "${word#*@}")
   name=${word//@/-}$([ "$code" != "$PWD" ] && echo -old)
