@@ -17,7 +17,8 @@
 #    cold caches, stopped after PRIME_TIMEOUT seconds (default 450: it only fills the caches, and its
 #    store times the cold compile; with --compile-mode max-autotune it must get past the first evaluation,
 #    step 500, which took more than 400 s), "profile" = warm, under cProfile, stopped after PROFILE_TIMEOUT
-#    (default 60) seconds (stats to $OUT/sweep-profile.prof). Wall time of each, logs and the MLflow
+#    (default 60) seconds (stats to $OUT/sweep-profile.prof), "probe" = warm, through scripts/lead_probe.py
+#    (how far the host runs ahead of the GPU, to $OUT/lead-probe.json). Wall time of each, logs and the MLflow
 #    databases go to $OUT. (The caches cannot come back through $OUT: packed, they were 18 MB, over its
 #    limit; a warm sweep needs a cold one or a prime before it on the same machine.)
 #    A word ending in "+old" ("warm+old") runs that sweep with the package in $OLD_CODE (default build/old,
@@ -52,18 +53,20 @@ for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   [ "$word" != "$run" ] && mode_args=(--compile-mode "${word#*@}")
   name=${word//@/-}$([ "$code" != "$PWD" ] && echo -old)
   rm -rf "sweep-$name"  # a fresh store (ignored folders survive on a machine kept warm between calls)
-  case $run in cold|prime) rm -rf /tmp/inductor-sweep /tmp/triton-sweep ;; esac
+  # KEEP_CACHES=1: a prime keeps what an earlier one of another code filled (two codes primed on one machine)
+  case $run in cold|prime) [ -n "${KEEP_CACHES:-}" ] || rm -rf /tmp/inductor-sweep /tmp/triton-sweep ;; esac
   limit=${SWEEP_TIMEOUT:-300}
-  run_py=(python3)
+  cli=(python3 -m scaling.cli)
   case $run in
     prime) limit=${PRIME_TIMEOUT:-450} ;;
-    profile) limit=${PROFILE_TIMEOUT:-60}; run_py=(python3 -m cProfile -o "$OUT/sweep-profile.prof") ;;
+    profile) limit=${PROFILE_TIMEOUT:-60}; cli=(python3 -m cProfile -o "$OUT/sweep-profile.prof" -m scaling.cli) ;;
+    probe) cli=(python3 scripts/lead_probe.py --out "$OUT/lead-$name.json" --) ;;  # warm, the host's lead noted
   esac
   t=$(date +%s.%N)
   # SIGINT (not SIGTERM) at the limit: cProfile writes its stats on KeyboardInterrupt
   PYTHONPATH=/tmp/site:$code TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep \
       timeout -s INT -k 30 "$limit" \
-      "${run_py[@]}" -m scaling.cli sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$name/mlflow.db" \
+      "${cli[@]}" sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$name/mlflow.db" \
       --quiet ${SWEEP_ARGS:-} ${mode_args[@]+"${mode_args[@]}"} 2>&1 | grep -v -i warn | tail -40 | tee -a "$LOG"
   e=$(date +%s.%N)  # start and end (epoch s): against the parent run's in the store (scripts/sweep_stats.py)
   echo "sweep $name: wall $(python3 -c "print(round($e - $t, 1))") s (start $t end $e)" | tee -a "$LOG"
