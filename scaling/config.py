@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,14 @@ import yaml
 
 class ConfigError(ValueError):
     """Bad user input: printed as one line, exit code 2, nothing created."""
+
+
+def cache_dir() -> Path:
+    """Where derived files are cached (``SCALING_CACHE_DIR``, default ``~/.cache/scaling``): encoded
+    splits, loss baselines, the migrated empty MLflow store that new SQLite stores start from."""
+    d = Path(os.environ.get("SCALING_CACHE_DIR") or Path.home() / ".cache" / "scaling")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

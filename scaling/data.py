@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling.config import ConfigError, DataConfig, ModelConfig, Phase, first_line
+from scaling.config import ConfigError, DataConfig, ModelConfig, Phase, cache_dir, first_line
 
 ENCODING_VERSION = "char128-v1"
 UNKNOWN_ID = 0
@@ -81,12 +81,6 @@ def decode(ids) -> str:
 # Finding and reading WikiText-2
 
 
-def _cache_dir() -> Path:
-    d = Path(os.environ.get("SCALING_CACHE_DIR") or Path.home() / ".cache" / "scaling")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def find_split_files(data_dir: str | Path) -> dict[str, Path]:
     """Map split name (train/valid/test) → file, for the layouts we accept, raw preferred over tokens."""
     root = Path(data_dir)
@@ -131,7 +125,7 @@ def _read_text_with_datasets(path: Path) -> str:
 
 def _load_split_cached(path: Path) -> tuple[np.ndarray, str]:
     digest = _file_digest(path)
-    cached = _cache_dir() / f"{digest[:32]}-{ENCODING_VERSION}.npy"
+    cached = cache_dir() / f"{digest[:32]}-{ENCODING_VERSION}.npy"
     if cached.is_file():
         return np.load(cached), digest
     ids = encode(_read_text_with_datasets(path))
@@ -226,7 +220,7 @@ def compute_baselines(train: np.ndarray, val: np.ndarray, vocab: int) -> dict[st
 
 
 def _cached_baselines(key: str, train: np.ndarray, val: np.ndarray, vocab: int) -> dict[str, float]:
-    path = _cache_dir() / f"baselines-{key}-{ENCODING_VERSION}.json"
+    path = cache_dir() / f"baselines-{key}-{ENCODING_VERSION}.json"
     if path.is_file():
         return json.loads(path.read_text())
     b = compute_baselines(train, val, vocab)

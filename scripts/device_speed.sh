@@ -18,7 +18,8 @@
 #    store times the cold compile; with --compile-mode max-autotune it must get past the first evaluation,
 #    step 500, which took more than 400 s), "profile" = warm, under cProfile, stopped after PROFILE_TIMEOUT
 #    (default 60) seconds (stats to $OUT/sweep-profile.prof), "probe" = warm, through scripts/lead_probe.py
-#    (how far the host runs ahead of the GPU, to $OUT/lead-probe.json). Wall time of each, logs and the MLflow
+#    (how far the host runs ahead of the GPU, to $OUT/lead-probe.json), "exit" = warm, through scripts/exit_probe.py
+#    (where the end goes, to $OUT/exit-exit.json). Wall time of each, logs and the MLflow
 #    databases go to $OUT. (The caches cannot come back through $OUT: packed, they were 18 MB, over its
 #    limit; a warm sweep needs a cold one or a prime before it on the same machine.)
 #    A word ending in "+old" ("warm+old") runs that sweep with the package in $OLD_CODE (default build/old,
@@ -61,14 +62,21 @@ for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
     prime) limit=${PRIME_TIMEOUT:-450} ;;
     profile) limit=${PROFILE_TIMEOUT:-60}; cli=(python3 -m cProfile -o "$OUT/sweep-profile.prof" -m scaling.cli) ;;
     probe) cli=(python3 scripts/lead_probe.py --out "$OUT/lead-$name.json" --) ;;  # warm, the host's lead noted
+    exit) cli=(python3 scripts/exit_probe.py --out "$OUT/exit-$name.json" --) ;;  # warm, where its end goes
   esac
   t=$(date +%s.%N)
-  # SIGINT (not SIGTERM) at the limit: cProfile writes its stats on KeyboardInterrupt
+  # SIGINT (not SIGTERM) at the limit: cProfile writes its stats on KeyboardInterrupt. The output goes to a
+  # file, not a pipe: the wall time ends when the command's process does, as a user's `time scaling sweep`
+  # does (until the ninth round a pipe, which also waited for inductor's compile-worker sidecar to close it)
   PYTHONPATH=/tmp/site:$code TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-sweep TRITON_CACHE_DIR=/tmp/triton-sweep \
       timeout -s INT -k 30 "$limit" \
       "${cli[@]}" sweep --phase "${PHASE:-2_5}" --device cuda --tracking-uri "sqlite:///sweep-$name/mlflow.db" \
-      --quiet ${SWEEP_ARGS:-} ${mode_args[@]+"${mode_args[@]}"} 2>&1 | grep -v -i warn | tail -40 | tee -a "$LOG"
+      --quiet ${SWEEP_ARGS:-} ${mode_args[@]+"${mode_args[@]}"} > "$OUT/sweep-$name.txt" 2>&1
   e=$(date +%s.%N)  # start and end (epoch s): against the parent run's in the store (scripts/sweep_stats.py)
-  echo "sweep $name: wall $(python3 -c "print(round($e - $t, 1))") s (start $t end $e)" | tee -a "$LOG"
+  for _ in $(seq 600); do pgrep -f torch._inductor.compile_worker >/dev/null || break; sleep 0.05; done
+  w=$(date +%s.%N)  # when the compile workers (the sidecar and its pool) had gone too
+  grep -v -i warn "$OUT/sweep-$name.txt" | tail -40 | tee -a "$LOG"
+  echo "sweep $name: wall $(python3 -c "print(round($e - $t, 1))") s (start $t end $e; compile workers gone" \
+       "$(python3 -c "print(round($w - $e, 2))") s later)" | tee -a "$LOG"
   [ -f "sweep-$name/mlflow.db" ] && gzip -c "sweep-$name/mlflow.db" > "$OUT/sweep-$name-mlflow.db.gz"
 done

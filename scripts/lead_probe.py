@@ -11,20 +11,17 @@ GIL or the loop slows the steps), a lead of many ticks means the GPU does (the h
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import statistics
 import sys
 import time
 
+from probe_cli import probe_args, run_scaling
+
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the scaling CLI's arguments")
-    args = ap.parse_args()
-    cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
+    out, cli_args = probe_args(__doc__)
 
     import torch
 
@@ -59,19 +56,14 @@ def main() -> int:
         if not leads:
             print("lead probe: no samples", file=sys.stderr)
             return
-        with open(args.out, "w") as f:
+        with open(out, "w") as f:
             json.dump({"samples": samples}, f)
         q = statistics.quantiles(leads, n=20)
         print(f"lead probe: {len(leads)} samples; lead in ticks: median {statistics.median(leads)}, 5% {q[0]}, "
               f"95% {q[-1]}, min {min(leads)}, max {max(leads)}; at most 1 tick ahead in "
               f"{sum(x <= 1 for x in leads) / len(leads):.1%}", file=sys.stderr)
 
-    from scaling.cli import main as cli_main
-    try:
-        cli_main.main(args=cli_args, prog_name="scaling")  # click's standalone mode: ends in SystemExit
-        code = 0
-    except SystemExit as e:
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    code = run_scaling(cli_args)
     report()
     return code
 

@@ -40,10 +40,23 @@ grid: {batch_sizes: [4, 8], lrs: [1.0e-3, 1.0e-2], clips: [1.0]}
 """
 
 
+@pytest.fixture(scope="session")
+def _store_template(tmp_path_factory) -> Path:
+    """The empty migrated MLflow store new stores start from (tracking.store_template), made once."""
+    from scaling import tracking
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCALING_CACHE_DIR", str(tmp_path_factory.mktemp("template-cache")))
+        return tracking.store_template()
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path, monkeypatch):
-    """No test touches the user's ~/.cache or ./mlruns, or inherits a tracking URI / data dir."""
+def _isolated_env(tmp_path, monkeypatch, _store_template):
+    """No test touches the user's ~/.cache or ./mlruns, or inherits a tracking URI / data dir. Each test's
+    cache holds the store template already (MLflow's migrations take seconds on a small machine)."""
     monkeypatch.setenv("SCALING_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    shutil.copyfile(_store_template, tmp_path / "cache" / _store_template.name)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

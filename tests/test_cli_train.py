@@ -185,3 +185,30 @@ def test_unreadable_checkpoint_trains_again_from_step_0(tmp_path, tracking_uri, 
     _, runs = _runs(tracking_uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(5, 41, 5))
+
+
+def test_training_commands_end_without_the_interpreter_shutdown(tmp_path, tracking_uri, tiny_text_phase):
+    """As a process of its own, a command that trains ends with os._exit once its output is flushed (the
+    interpreter's shutdown cost ~1 s after a compiled sweep on the GPU machine): its results and output are
+    complete (stdout block-buffered into a pipe here), its exit code kept, and exit handlers do not run.
+    Other commands end as usual."""
+    code = ("import atexit, sys; atexit.register(print, 'exit handlers ran'); from scaling.cli import main; "
+            "sys.argv[0] = 'scaling'; main()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def scaling(*args):
+        return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=300)
+
+    r = scaling("train", "--phase-file", tiny_text_phase, "--batch-size", 8, "--lr", 3e-3, "--steps", 10, *DATA,
+                "--tracking-uri", tracking_uri)
+    assert r.returncode == 0, r.stderr
+    assert "final_val_loss" in r.stdout and r.stdout.endswith("\n") and "exit handlers ran" not in r.stdout
+    _, runs = _runs(tracking_uri)
+    assert [x.info.status for x in runs] == ["FINISHED"] and "final_val_loss" in runs[0].data.metrics
+    bad = scaling("train", "--phase-file", tiny_text_phase, "--batch-size", 0, "--lr", 3e-3, *DATA,
+                  "--tracking-uri", tracking_uri)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("error: ") and "exit handlers ran" not in bad.stdout
+    phases = scaling("phases")
+    assert phases.returncode == 0 and "2_5" in phases.stdout and phases.stdout.endswith("exit handlers ran\n")
