@@ -118,8 +118,9 @@ def connect(uri: str | None = None, check: bool = True):
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..." noise
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        seed_sqlite_store(Path(uri[len("sqlite:///"):]))
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if path and path != ":memory:" and "?" not in path:  # a plain database file
+        seed_sqlite_store(Path(path))
     if uri.startswith(("http://", "https://")):
         # Fail in seconds, not after MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -72,3 +72,17 @@ def test_a_failing_template_leaves_the_store_to_mlflow(tmp_path, monkeypatch):
     client = tracking.connect(f"sqlite:///{db}")  # MLflow migrates it itself
     assert client.search_experiments()[0].name == "Default"
     assert [p.name for p in db.parent.iterdir()] == ["mlflow.db"]
+
+
+def test_only_plain_database_files_are_seeded(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tracking, "seed_sqlite_store", lambda db: calls.append(db) or False)
+    monkeypatch.chdir(tmp_path)
+    for uri in ("sqlite:///:memory:", f"sqlite:///{tmp_path / 'x.db'}?mode=rwc"):
+        try:
+            tracking.connect(uri)
+        except Exception:
+            pass  # whether MLflow takes these is its business; no file of ours is made for them
+    assert calls == [] and not (tmp_path / ":memory:").exists()
+    tracking.connect(f"sqlite:///{tmp_path / 'plain.db'}")
+    assert calls == [tmp_path / "plain.db"]
