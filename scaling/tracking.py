@@ -74,13 +74,14 @@ def store_template() -> Path:
     template = cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
     if not template.exists():
         part = template.with_name(f"{template.name}.{os.getpid()}.tmp")
-        engine = create_engine(f"sqlite:///{part}")
         try:
-            _initialize_tables(engine)
-            engine.dispose()
+            engine = create_engine(f"sqlite:///{part}")
+            try:
+                _initialize_tables(engine)
+            finally:
+                engine.dispose()
             os.replace(part, template)
         finally:
-            engine.dispose()
             part.unlink(missing_ok=True)
     return template
 

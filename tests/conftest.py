@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -92,19 +91,3 @@ def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProce
 
 def dedent(s: str) -> str:
     return textwrap.dedent(s)
-
-
-def migrated_empty_store() -> Path:
-    """A migrated, empty MLflow SQLite store, made once per MLflow version and kept in the temp dir
-    (creating one takes seconds); tests copy it."""
-    import mlflow
-
-    from scaling import tracking
-
-    path = Path(tempfile.gettempdir()) / f"scaling-tests-empty-mlflow-{mlflow.__version__}.db"
-    if not path.is_file():
-        d = Path(tempfile.mkdtemp())
-        tracking.connect(f"sqlite:///{d}/mlflow.db")
-        os.replace(d / "mlflow.db", path)
-        shutil.rmtree(d, ignore_errors=True)
-    return path

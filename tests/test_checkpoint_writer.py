@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 
 import torch
 
 from scaling import tracking
 from scaling.runner import CheckpointWriter, load_checkpoint
 
-from conftest import migrated_empty_store
 
 
 def test_writer_snapshots_keeps_order_and_drains(tmp_path):
-    shutil.copy(migrated_empty_store(), tmp_path / "mlflow.db")
+    tracking.seed_sqlite_store(tmp_path / "mlflow.db")
     client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = tracking.get_or_create_experiment(client, "writer-test")
     runs = [client.create_run(exp).info.run_id for _ in range(2)]
@@ -40,7 +38,7 @@ def test_a_run_whose_last_checkpoint_is_lost_says_so(tmp_path, tiny_random_phase
     from scaling import runner
     from scaling.config import load_phase
 
-    shutil.copy(migrated_empty_store(), tmp_path / "mlflow.db")
+    tracking.seed_sqlite_store(tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_phase(phase_file=tiny_random_phase).run_config(4, 1e-3)
     real = runner.save_checkpoint

@@ -7,7 +7,6 @@ import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import migrated_empty_store
 from scaling import tracking
 from scaling.cli import main
 from scaling.config import ConfigError, load_phase
@@ -32,7 +30,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def store(tmp_path, monkeypatch):
     monkeypatch.delenv("SCALING_DATA_DIR", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    shutil.copy(migrated_empty_store(), tmp_path / "mlflow.db")
+    tracking.seed_sqlite_store(tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LOCAL_WIKITEXT, migrated_empty_store
+from conftest import LOCAL_WIKITEXT
 from scaling import importing, tracking
 from scaling.config import ConfigError, load_phase
 
@@ -18,16 +17,11 @@ STUDY = FIXTURES / "study_phase_2_5.csv"
 DEFECT = FIXTURES / "phase_3a_like_clip_defect.csv"
 
 
-@pytest.fixture(scope="module")
-def template_db():
-    return migrated_empty_store()
-
-
 @pytest.fixture
-def store(template_db, tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch):
     monkeypatch.delenv("SCALING_DATA_DIR", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    shutil.copy(template_db, tmp_path / "mlflow.db")
+    tracking.seed_sqlite_store(tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from test_sweep import ONE_THREAD, mlflow_db_template, phase_runs, stores  # noqa: F401  (fixtures)
+from test_sweep import ONE_THREAD, phase_runs, stores  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from scaling.config import load_phase
 from scaling.search import run_search
-from test_sweep import mlflow_db_template, one_thread, stores  # noqa: F401  (fixtures)
+from test_sweep import one_thread, stores  # noqa: F401  (fixtures)
 
 
 def synthetic(minimum: float):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,23 +16,11 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
+from scaling import tracking
 
 QUICK = ["--device", "cpu", "--quiet"]
 # One BLAS/OpenMP thread per process: on 2 shared cores torch's default threads make tiny models ~40x slower.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-_TEMPLATE: list = []  # shared by the test modules that import these fixtures
-
-
-@pytest.fixture(scope="session")
-def mlflow_db_template(tmp_path_factory):
-    """An empty, migrated MLflow SQLite store, made once: creating one costs seconds on 2 cores."""
-    if not _TEMPLATE:
-        path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-        _TEMPLATE.append(path)
-    return _TEMPLATE[0]
 
 
 @pytest.fixture
@@ -47,11 +34,11 @@ def one_thread():
 
 
 @pytest.fixture
-def stores(tmp_path, mlflow_db_template):
+def stores(tmp_path):
     """(tracking URI, sweep storage URL) in a fresh temp dir."""
     d = tmp_path / "mlruns"
     d.mkdir()
-    shutil.copy(mlflow_db_template, d / "mlflow.db")
+    tracking.seed_sqlite_store(d / "mlflow.db")
     return f"sqlite:///{d / 'mlflow.db'}", f"sqlite:///{d / 'sweeps.db'}"
 
 
@@ -185,7 +172,6 @@ def test_two_worker_processes_on_one_sqlite_store_train_each_config_once(tmp_pat
 
 def test_diverged_config_counts_as_done_and_failed_ones_wait_for_retry(tmp_path, tiny_random_phase, stores,
                                                                         one_thread):
-    from scaling import tracking
     from scaling.config import load_phase
     from scaling.sweep import plan, run_sweep
 
