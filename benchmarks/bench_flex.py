@@ -5,13 +5,16 @@ of every config at once: for the phase 2.5 grid 2,400 sequences × 4 heads × 12
 per layer. This times that one call — q, k, v split from one (Z, T, 3C) projection as the model does, in
 bf16, compiled, the gradient taken with respect to the projection (so the concatenation of dq, dk, dv is
 in) — for each FlexAttention option set given (``scaling.batched.flex_spec``: ``BLOCK/FWD/BWD``, the
-block mask's block size, the forward's tiles, the backward's tiles; "-" = inductor's default), checks each
-result against the first spec's (the default), and prints them fastest first.
+block mask's block size, the forward's tiles, the backward's tiles; "-" = inductor's default) and for
+"fused:BLOCK.FWD_WARPS.BWD_WARPS.STAGES", this project's Triton kernels (``scaling.attention``,
+``train_group(attention="fused")``) with those launch options, checks
+each result against the first spec's (the default), and prints them fastest first. Every spec returns the
+heads side by side, (Z, T, C), as the model's output projection reads them.
 
   python benchmarks/bench_flex.py --out flex.json                 # a CUDA GPU: the built-in candidates
-  python benchmarks/bench_flex.py --specs "-/-/-,64/-/32.64.64.32.3.4"
+  python benchmarks/bench_flex.py --specs "-/-/-,64/-/32.64.64.32.1.4,fused:64.4.4.1"
 
-Imports only torch and scaling.{config,batched}. The last line printed is the fastest spec that passed the
+Imports only torch and scaling.{config,batched,attention}. The last line printed is the fastest spec that passed the
 check (for a script to use).
 """
 
@@ -29,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from scaling.batched import flex_causal, flex_spec  # noqa: E402
+from scaling.attention import parse_options  # noqa: E402
+from scaling.batched import flex_causal, flex_spec, fused_causal  # noqa: E402
 from scaling.config import error_line, load_phase  # noqa: E402
 
 # BLOCK/FWD/BWD: inductor's defaults first (the reference), then the backward's tiles inductor's
 # max-autotune would try at head dim 32 (M1 = N2 ∈ {32, 64}, N1 = M2 ∈ {32, 64, 128}) at a few stage
-# counts, smaller block-mask blocks (the kernels skip the blocks above the diagonal), larger forward tiles
+# counts, smaller block-mask blocks (the kernels skip the blocks above the diagonal), larger forward tiles;
+# then the fused kernels at the launch options measured in the tenth round (docs/performance.md)
 CANDIDATES = [
     "-/-/-",
     "-/-/32.64.64.32.3.4", "-/-/32.64.64.32.1.4", "-/-/32.64.64.32.4.4",
@@ -45,6 +50,8 @@ CANDIDATES = [
     "-/128.64.3.4/-", "-/128.128.3.4/-", "-/128.128.2.8/-",
     "64/-/-", "64/-/32.64.64.32.3.4", "64/-/32.64.64.32.1.4", "64/-/32.32.32.32.3.4", "64/-/16.64.64.16.3.4",
     "32/32.32.3.4/32.32.32.32.3.4", "32/32.32.3.4/16.32.32.16.3.4", "32/32.32.1.4/16.32.32.16.1.4",
+    "fused:64.4.4.2", "fused:64.4.4.1", "fused:64.4.4.3", "fused:64.2.4.2", "fused:64.8.4.2", "fused:64.4.8.2",
+    "fused:32.4.4.2", "fused:128.8.8.1",
 ]
 
 
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     specs = args.specs.split(",") if args.specs else CANDIDATES
     try:
-        options = [flex_spec(s) for s in specs]
+        options = [parse_options(s[6:]) if s.startswith("fused:") else flex_spec(s) for s in specs]
     except ValueError as e:
         print(f"bench_flex: {e}", file=sys.stderr)
         return 2
@@ -87,21 +94,20 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     qkv = torch.randn(Z, T, 3 * C, device=dev, generator=gen, dtype=torch.bfloat16).requires_grad_()
-    grad_out = torch.randn(Z, H, T, C // H, device=dev, generator=gen, dtype=torch.bfloat16)
+    grad_out = torch.randn(Z, T, C, device=dev, generator=gen, dtype=torch.bfloat16)
     flops = 4 * Z * H * T * T * (C // H) * 0.5 * 3.5  # causal fwd (2 matmuls) + bwd (5): half the square
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "shape": {"Z": Z, "H": H, "T": T, "head_dim": C // H}}
-    print(f"{meta['gpu']}, torch {meta['torch']}: flex attention on (Z={Z}, H={H}, T={T}, D={C // H}) bf16, "
+    print(f"{meta['gpu']}, torch {meta['torch']}: causal attention on (Z={Z}, H={H}, T={T}, D={C // H}) bf16, "
           f"forward + backward, {args.iters} calls per spec")
     rows, ref = [], None
     for spec, opts in zip(specs, options):
         torch._dynamo.reset()
-        attend = flex_causal(T, dev, opts)
+        attend = fused_causal(None, opts) if spec.startswith("fused:") else flex_causal(T, dev, opts)
 
         def call(attend=attend):
-            q, k, v = (z.reshape(Z, T, H, C // H).transpose(1, 2) for z in qkv.split(C, dim=2))
-            out = attend(q, k, v)
+            out = attend(qkv, T, H)
             (g,) = torch.autograd.grad(out, qkv, grad_out)
             return out, g
 

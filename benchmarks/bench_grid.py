@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from scaling.attention import parse_options  # noqa: E402
 from scaling.batched import WARM_TICKS, flex_spec, train_group  # noqa: E402
 from scaling.config import DataConfig, ModelConfig, load_phase  # noqa: E402
 from scaling.data import BatchSampler, load_corpus, random_corpus  # noqa: E402
@@ -63,7 +64,8 @@ def parse_variant(variant: str) -> dict:
     generated kernels), magemm (default mode + autotuned Triton matmul templates, which can take the
     layer norms and GELU into their prologues and epilogues) or a torch.compile mode name
     ("max-autotune-no-cudagraphs": matmuls, pointwise kernels and FlexAttention autotuned); LAYOUT: slots, groups; ATTENTION: auto
-    (train_group's default: flex when compiling on CUDA), flex (FlexAttention) or a CUDA SDPA backend
+    (train_group's default: fused when compiling on CUDA), fused (this project's Triton kernels,
+    ``scaling.attention``), flex (FlexAttention) or a CUDA SDPA backend
     (default = torch's choice, flash, efficient, cudnn, math); SCOPE:
     graph (compile the whole pass, train_group's default) or block (one block, reused per layer);
     CUDAGRAPH: cg (the step replayed as a CUDA graph), nocg (launched every step) or auto (train_group's
@@ -71,7 +73,8 @@ def parse_variant(variant: str) -> dict:
     (:func:`scaling.batched.flex_spec`: the block mask's block size, the forward's M.N.STAGES.WARPS, the
     backward's M1.N1.M2.N2.STAGES.WARPS, "-" for a default; six integers alone are the backward's), e.g.
     64/-/32.64.64.32.3.4; none: train_group's default (``scaling.batched.FLEX_TUNED`` where measured);
-    -/-/-: inductor's defaults (on an H100 at head dim 32: 128/64.64.3.4/64.64.64.64.3.4).
+    -/-/-: inductor's defaults (on an H100 at head dim 32: 128/64.64.3.4/64.64.64.64.3.4); with ATTENTION
+    fused, the fused kernels' BLOCK.FWD_WARPS.BWD_WARPS.STAGES instead (``scaling.attention.parse_options``).
     """
     parts = variant.split(":")
     comp = parts[0]
@@ -84,7 +87,10 @@ def parse_variant(variant: str) -> dict:
     kw = {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope, "cuda_graph": graph}
     if parts[5:6] and parts[5]:
         try:
-            kw["flex_options"] = flex_spec(parts[5])
+            if attention == "fused":
+                kw["fused_options"] = parse_options(parts[5])
+            else:
+                kw["flex_options"] = flex_spec(parts[5])
         except ValueError as e:
             raise ValueError(f"variant {variant!r}: {e}") from None
     return kw

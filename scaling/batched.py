@@ -68,7 +68,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 RECOMPILE_LIMIT = 64  # dynamo versions kept per compiled function (default 8), see train_group
 WARM_TICKS = 3  # ticks timed (with a sync) after each (re)build of the pass, for compile-time accounting
 SCOPES = ("block", "graph")
-ATTENTION = ("auto", "default", "flash", "efficient", "cudnn", "math", "flex")
+ATTENTION = ("auto", "default", "flash", "efficient", "cudnn", "math", "flex", "fused")
 CUDA_GRAPH = ("auto", "on", "off")
 
 
@@ -80,8 +80,25 @@ def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return F.layer_norm(x, x.shape[-1:]) * w[:, None, :] + b[:, None, :]
 
 
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+# An attention function ``attend(qkv, T, H)`` takes a block's q/k/v projection, (M, S*T, 3C): q, k, v in
+# columns [0, C), [C, 2C), [2C, 3C), head h in columns [h*D, (h+1)*D) of each; it returns the causal
+# attention of every length-T sequence, the H heads side by side, (M, S*T, C).
+
+
+def split_heads(qkv: torch.Tensor, T: int, H: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v of (M, S*T, 3C) as (M*S, H, T, D) views, the layout of SDPA and FlexAttention."""
+    C = qkv.shape[-1] // 3
+    return tuple(z.reshape(-1, T, H, C // H).transpose(1, 2) for z in qkv.split(C, dim=2))
+
+
+def merge_heads(att: torch.Tensor, M: int) -> torch.Tensor:
+    """(M*S, H, T, D) → (M, S*T, H*D)."""
+    MS, H, T, D = att.shape
+    return att.transpose(1, 2).reshape(M, MS // M * T, H * D)
+
+
+def _sdpa_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    return merge_heads(F.scaled_dot_product_attention(*split_heads(qkv, T, H), is_causal=True), qkv.shape[0])
 
 
 def flex_causal(T: int, device: torch.device, options: dict | None = None):
@@ -97,8 +114,34 @@ def flex_causal(T: int, device: torch.device, options: dict | None = None):
                              **({"BLOCK_SIZE": block} if block else {}))
     kernel_options = options or None
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return flex_attention(q, k, v, block_mask=mask, kernel_options=kernel_options)
+    def attend(qkv: torch.Tensor, T_: int, H: int) -> torch.Tensor:
+        out = flex_attention(*split_heads(qkv, T_, H), block_mask=mask, kernel_options=kernel_options)
+        return merge_heads(out, qkv.shape[0])
+    return attend
+
+
+def fused_available() -> bool:
+    """Whether ``attention="fused"`` can run its own kernels here (Triton importable)."""
+    from scaling.attention import available
+    return available()
+
+
+def fused_causal(fallback, options: tuple[int, int, int, int] | None = None):
+    """Causal attention through this project's Triton kernels (``attention="fused"``,
+    :mod:`scaling.attention`): they read q/k/v where the projection wrote them and write the heads side by
+    side, forward and backward, with no transposes or concatenations around them. A shape, dtype or
+    device they do not handle (fp32, a head dim not in ``HEAD_DIMS``, T not a multiple of their block) goes
+    to ``fallback``, another attention function. ``options``: the kernels' launch options
+    (:func:`scaling.attention.parse_options`; None: ``scaling.attention.OPTIONS``)."""
+    from scaling import attention as fused
+
+    opts = list(options or fused.OPTIONS)
+    op = fused.operator() if fused.available() else None  # defined here: not traceable under torch.compile
+
+    def attend(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
+        if op is not None and qkv.is_cuda and fused.supports(T, qkv.shape[-1] // 3, H, qkv.dtype, opts[0]):
+            return op(qkv.contiguous(), T, H, opts)[0]
+        return fallback(qkv, T, H)
     return attend
 
 
@@ -148,12 +191,9 @@ def _block(h: torch.Tensor, ln1w: torch.Tensor, ln1b: torch.Tensor, qkv: torch.T
            ln2w: torch.Tensor, ln2b: torch.Tensor, fc: torch.Tensor, fc_proj: torch.Tensor, S: int,
            n_heads: int, attend=_sdpa_causal) -> torch.Tensor:
     """One pre-LN transformer block on M slots at once: h is (M, S*T, C), weights are (M, *shape)."""
-    M, ST, C = h.shape
-    T, H = ST // S, n_heads
+    T, H = h.shape[1] // S, n_heads
     a = _layer_norm(h, ln1w, ln1b)
-    q, k, v = torch.bmm(a, qkv.transpose(1, 2)).split(C, dim=2)
-    q, k, v = (z.reshape(M * S, T, H, C // H).transpose(1, 2) for z in (q, k, v))
-    att = attend(q, k, v).transpose(1, 2).reshape(M, ST, C)
+    att = attend(torch.bmm(a, qkv.transpose(1, 2)), T, H)
     h = h + torch.bmm(att, proj.transpose(1, 2))
     a = _layer_norm(h, ln2w, ln2b)
     a = F.gelu(torch.bmm(a, fc.transpose(1, 2)))
@@ -202,7 +242,7 @@ def stacked_slot_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Te
     logits in fp32 for the cross-entropy), as batched matmuls over the slot dimension.
     ``regions`` are the three functions the pass is made of (embeddings, a block, the head):
     ``torch.compile`` can compile each once (``scope="block"``: the same compiled block serves every
-    layer) instead of the whole unrolled pass. ``attend(q, k, v)`` is the causal attention.
+    layer) instead of the whole unrolled pass. ``attend(qkv, T, H)`` is the causal attention.
     """
     S, H = x.shape[1], mc.n_heads
     h = regions.embed(x, W["wte.weight"], W["wpe.weight"])
@@ -408,15 +448,16 @@ def sdpa_backends(names: Sequence[str], device: torch.device):
 
 
 def attention_backend(name: str, device: torch.device):
-    """The training pass's SDPA backend: ``name`` alone ("default" and "flex": no restriction)."""
-    return sdpa_backends(() if name in ("default", "flex") else (name,), device)
+    """The training pass's SDPA backend: ``name`` alone ("default", "flex", "fused": no restriction)."""
+    return sdpa_backends(() if name in ("default", "flex", "fused") else (name,), device)
 
 
 def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 hooks: Sequence[Hooks] | None = None, resume_states: Sequence[dict | None] | None = None,
                 compile: bool | str | dict = False, *, layout: str = "slots", precision: str = "auto",
                 scope: str = "graph", attention: str = "auto", cuda_graph: str = "auto",
-                flex_options: dict | None = None, timings: dict | None = None) -> list[TrainResult]:
+                flex_options: dict | None = None, fused_options: tuple[int, int, int, int] | None = None,
+                timings: dict | None = None) -> list[TrainResult]:
     """Train every config of ``cfgs`` together on ``corpus`` (already on ``device``); one result per config.
 
     Per config i, exactly as ``train(cfgs[i], corpus, device, hooks[i], resume_states[i])``: the same
@@ -433,13 +474,17 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     mode. scope: "graph" compiles each pass whole; "block" compiles the embeddings, one transformer block
     (reused for every layer) and the head, once per process — a third of the compile time, but the eager
     glue between the regions makes the step CPU-bound (docs/performance.md).
-    attention: "flex" (FlexAttention: under ``torch.compile`` a Triton kernel generated for the shape; it has
-    no backward on CPU), an SDPA backend ("default": torch's choice — cuDNN on an H100 in bf16 —,
-    "flash", "efficient", "cudnn", "math"), or "auto" (default): flex when compiling on CUDA — measured
-    the fastest there (docs/performance.md) —, else "default".
+    attention: "fused" (this project's Triton kernels, :mod:`scaling.attention`: q/k/v read and the
+    gradients written where the projection keeps them; shapes and dtypes they do not handle, such as fp32,
+    go to FlexAttention when compiling, else to SDPA), "flex" (FlexAttention: under ``torch.compile`` a
+    Triton kernel generated for the shape; it has no backward on CPU), an SDPA backend ("default": torch's
+    choice — cuDNN on an H100 in bf16 —, "flash", "efficient", "cudnn", "math"), or "auto" (default):
+    fused when compiling on CUDA with Triton importable — measured the fastest there (docs/performance.md)
+    —, else "default".
     Evaluations use the SDPA backends other than cuDNN whatever ``attention`` says (the eager evaluation
-    of 20 models took 560–611 ms with cuDNN, 212–266 ms without on an H100, docs/performance.md), or
-    FlexAttention; with ``scope="graph"`` the evaluation's forward is compiled too (default mode).
+    of 20 models took 560–611 ms with cuDNN, 212–266 ms without on an H100, docs/performance.md), or,
+    with ``scope="graph"``, the pass's own attention (fused or FlexAttention) in the evaluation's forward,
+    compiled too (default mode).
     cuda_graph: "on" records the whole training step (batch gather, forward, backward, clip, AdamW,
     statistics) as one CUDA graph after the first ticks of each pass and replays it every step: no
     kernel launches from Python, and the threads that log and checkpoint beside it slow the steps down
@@ -447,6 +492,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     flex_options: FlexAttention's options when attention is flex (:func:`flex_causal`, :func:`flex_spec`: the
     block mask's block size, its kernels' tiles, stages, warps); None: those measured fastest on this GPU
     at this head dim (``FLEX_TUNED``) if any, else inductor's defaults; ``{}``: inductor's defaults.
+    fused_options: the fused kernels' launch options when attention is fused (block, forward's warps,
+    backward's warps, stages: :func:`scaling.attention.parse_options`); None: ``scaling.attention.OPTIONS``.
     layout: "slots" or "groups" (see the module docstring). precision: "auto" (bf16 autocast on CUDA,
     fp32 elsewhere, as train.py), "fp32" or "bf16". timings: if a dict is given it is filled with
     ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
@@ -483,9 +530,11 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     cuda = device.type == "cuda"
     use_graph = cuda_graph == "on" or (cuda_graph == "auto" and cuda and bool(compile))
     if attention == "auto":
-        attention = "flex" if cuda and compile else "default"
+        attention = (("fused" if fused_available() else "flex") if cuda and compile else "default")
     if flex_options and attention != "flex":
         raise ValueError(f"flex_options are FlexAttention's, but the attention is {attention!r}")
+    if fused_options and attention != "fused":
+        raise ValueError(f"fused_options are the fused kernels', but the attention is {attention!r}")
     if attention == "flex" and flex_options is None:
         flex_options = tuned_flex_options(device, mc.d_model // mc.n_heads)
     use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
@@ -572,6 +621,9 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     regions = compiled_regions(compile) if compile and scope == "block" else EAGER
     whole = bool(compile) and scope == "graph"
     attend = flex_causal(T, device, flex_options) if attention == "flex" else _sdpa_causal
+    if attention == "fused":
+        attend = fused_causal(flex_causal(T, device, tuned_flex_options(device, mc.d_model // mc.n_heads))
+                              if compile else _sdpa_causal, fused_options)
 
     # --- the pass: which models run, in what shape -----------------------------------------------------
     class Pass:

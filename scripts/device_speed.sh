@@ -57,10 +57,12 @@ for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   # KEEP_CACHES=1: a prime keeps what an earlier one of another code filled (two codes primed on one machine)
   case $run in cold|prime) [ -n "${KEEP_CACHES:-}" ] || rm -rf /tmp/inductor-sweep /tmp/triton-sweep ;; esac
   limit=${SWEEP_TIMEOUT:-300}
-  cli=(python3 -m scaling.cli)
+  # -P: the package comes from PYTHONPATH alone. Without it `python3 -m` puts the working directory first
+  # on sys.path, and "+old" sweeps ran this checkout's package, not $OLD_CODE's (rounds 7-9; found in the tenth)
+  cli=(python3 -P -m scaling.cli)
   case $run in
     prime) limit=${PRIME_TIMEOUT:-450} ;;
-    profile) limit=${PROFILE_TIMEOUT:-60}; cli=(python3 -m cProfile -o "$OUT/sweep-profile.prof" -m scaling.cli) ;;
+    profile) limit=${PROFILE_TIMEOUT:-60}; cli=(python3 -P -m cProfile -o "$OUT/sweep-profile.prof" -m scaling.cli) ;;
     probe) cli=(python3 scripts/lead_probe.py --out "$OUT/lead-$name.json" --) ;;  # warm, the host's lead noted
     exit) cli=(python3 scripts/exit_probe.py --out "$OUT/exit-$name.json" --) ;;  # warm, where its end goes
   esac
@@ -78,5 +80,7 @@ for word in ${SWEEP_RUNS-cold warm}; do  # SWEEP_RUNS="" runs no sweep
   grep -v -i warn "$OUT/sweep-$name.txt" | tail -40 | tee -a "$LOG"
   echo "sweep $name: wall $(python3 -c "print(round($e - $t, 1))") s (start $t end $e; compile workers gone" \
        "$(python3 -c "print(round($w - $e, 2))") s later)" | tee -a "$LOG"
+  # the stores come back (a prime's only without KEEP_STORES=warm: at most 8 files return from the device)
+  [ "$run" = prime ] && [ "${KEEP_STORES:-all}" = warm ] && continue
   [ -f "sweep-$name/mlflow.db" ] && gzip -c "sweep-$name/mlflow.db" > "$OUT/sweep-$name-mlflow.db.gz"
 done
