@@ -58,14 +58,15 @@ def parse_options(text: str) -> tuple[int, int, int, int]:
     return out
 
 
-_OPS = None
+_OPERATOR = None
 
 
-def _ops():
-    """Define the Triton kernels and the two operators once (on first use: Triton is imported here)."""
-    global _OPS
-    if _OPS is not None:
-        return _OPS
+def operator():
+    """The forward operator, ``scaling::causal_attention_fwd(qkv, T, H, options) -> (out, lse)``, with its
+    backward: the Triton kernels and both operators are defined on first use (Triton is imported here)."""
+    global _OPERATOR
+    if _OPERATOR is not None:
+        return _OPERATOR
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
@@ -199,8 +200,8 @@ def _ops():
         return bwd(qkv, o, do.contiguous(), lse, ctx.T, ctx.H, ctx.options), None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _OPS = (fwd, bwd, _fwd, _bwd)
-    return _OPS
+    _OPERATOR = fwd
+    return fwd
 
 
 def causal_attention(qkv: torch.Tensor, T: int, H: int, options: tuple[int, int, int, int] = OPTIONS) -> torch.Tensor:
@@ -210,12 +211,6 @@ def causal_attention(qkv: torch.Tensor, T: int, H: int, options: tuple[int, int,
     ``options``: (block, forward's warps, backward's warps, pipeline stages). Under ``torch.compile`` call
     :func:`operator` once before tracing (defining the kernels is not traceable: a graph break)."""
     return operator()(qkv.contiguous(), T, H, list(options))[0]
-
-
-def operator():
-    """The forward operator, ``scaling::causal_attention_fwd(qkv, T, H, options) -> (out, lse)``, defined
-    (with its backward) on first use."""
-    return _ops()[0]
 
 
 def reference(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:

@@ -53,11 +53,8 @@ POLL_INTERVAL_S = 2.0  # waiting for other workers' claims
 
 def default_storage(tracking_uri: str | None, filename: str) -> str:
     """A SQLite file beside a local SQLite MLflow store (``mlruns/<filename>`` otherwise)."""
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return f"sqlite:///{db.parent / filename}"
-    return f"sqlite:///mlruns/{filename}"
+    db = tracking.sqlite_path(tracking.resolve_tracking_uri(tracking_uri))
+    return f"sqlite:///{Path(db).parent / filename}" if db else f"sqlite:///mlruns/{filename}"
 
 
 def check_storage_url(url: str) -> str:

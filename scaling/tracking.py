@@ -47,20 +47,23 @@ def experiment_name(phase: str) -> str:
     return f"scaling-phase-{phase}"
 
 
+def sqlite_path(uri: str) -> str:
+    """The database path of a ``sqlite:///`` URI ("" for any other store)."""
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``--tracking-uri`` beats ``MLFLOW_TRACKING_URI`` beats the local SQLite default."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
+    if sqlite_path(uri):
+        Path(sqlite_path(uri)).parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
 def _default_artifact_location(uri: str) -> str | None:
     """Artifacts beside a local SQLite store (``<db dir>/artifacts``); a server decides its own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).resolve()
-        return (db.parent / "artifacts").as_uri()
+    if sqlite_path(uri):
+        return (Path(sqlite_path(uri)).resolve().parent / "artifacts").as_uri()
     return None
 
 
@@ -90,7 +93,7 @@ def seed_sqlite_store(db: Path) -> bool:
     """Start a new SQLite store as a copy of :func:`store_template`; True if it was seeded.
 
     A new store runs MLflow's schema migrations, 0.6-0.9 s on the GPU machine and about 2 s on a 2-core
-    one (docs/performance.md, ninth round), at every first run into it; a copy of the migrated template
+    one (docs/performance.md, seventh and ninth rounds), at every first run into it; a copy of the migrated template
     takes milliseconds. MLflow then finds its tables, checks the schema revision and adds the default
     experiment, as for a store it migrated itself. Only a store file that does not exist yet is seeded
     (linked into place: a store another process creates meanwhile is left alone); whatever fails here
@@ -119,7 +122,7 @@ def connect(uri: str | None = None, check: bool = True):
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..." noise
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    path = sqlite_path(uri)
     if path and path != ":memory:" and "?" not in path:  # a plain database file
         seed_sqlite_store(Path(path))
     if uri.startswith(("http://", "https://")):
