@@ -15,10 +15,8 @@ import click
 
 from scaling.config import COMPILE_MODES, ConfigError
 
-# At exit the interpreter's garbage collector walks every object still alive: after a compiled run
-# millions (torch, its compiler, sympy, MLflow, SQLAlchemy). By then everything is written (runs ended,
-# background writers drained), so they are left out of those last collections: a tiny compiled sweep on
-# a 2-core machine exited in 0.33-0.38 s instead of 2.69-2.75 s (docs/performance.md, seventh round).
+# At exit the garbage collector would walk every object still alive (after a compiled run, millions: torch, its
+# compiler, MLflow, SQLAlchemy) although everything is written by then: they are left out of those last collections.
 atexit.register(gc.freeze)
 
 
@@ -27,8 +25,11 @@ def _comma_list(convert, what: str):
     def parse(ctx, param, value):
         if value is None:
             return None
+        items = value.split(",")
+        if not all(x.strip() for x in items):
+            raise click.BadParameter(f"expected comma-separated {what} with none empty, got {value!r}")
         try:
-            return [convert(x) for x in value.split(",") if x.strip()]
+            return [convert(x) for x in items]
         except ValueError:
             raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
     return parse
@@ -57,9 +58,8 @@ def _clip_value(ctx, param, value):
 COMPILE_MODE = click.option(
     "--compile-mode", type=click.Choice(list(COMPILE_MODES)), default="default", show_default=True,
     envvar="SCALING_COMPILE_MODE", help="torch.compile mode of the batched step (env SCALING_COMPILE_MODE): "
-    "max-autotune-gemm autotunes the matmuls, max-autotune also the pointwise and attention kernels: "
-    "one to several minutes more compile the first time a grid's shapes are seen; whole sweeps measured at "
-    "most 2% faster than the default (docs/performance.md).")
+    "max-autotune-gemm autotunes the matmuls, max-autotune also the pointwise kernels; both compile for longer "
+    "the first time a grid's shapes are seen (docs/performance.md).")
 
 
 def _compile_arg(on: bool, mode: str, batched: bool = True):
@@ -147,7 +147,9 @@ class _OneLineErrors(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except click.Abort:
+        except click.Abort as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C or SIGTERM: what stopped was said already
+                sys.exit(130)  # as shells report a process ended by SIGINT
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -162,11 +164,9 @@ class _OneLineErrors(click.Group):
         ends the process with ``os._exit`` once it has returned or failed cleanly (a ``SystemExit``) and its
         output is flushed, skipping the interpreter's shutdown: by then every result is written (runs
         ended, the metric and checkpoint threads drained and joined, worker processes joined, stores
-        closed), and after a compiled sweep on the GPU machine that shutdown took about 1 s — 0.57 s waiting
-        for inductor's compile-worker sidecar to stop (it stops by itself once this process is gone), the
-        rest tearing down the interpreter (docs/performance.md, ninth round). Calls of ``main.main(...)``
-        (tests, the MLproject entry points) return or raise as before; an unexpected error ends normally,
-        with its traceback."""
+        closed), and the shutdown would only wait for inductor's compile workers, which stop by themselves
+        once this process is gone. Calls of ``main.main(...)`` (tests, the MLproject entry points) return or
+        raise as before; an unexpected error ends normally, with its traceback."""
         self.command_run = None
         try:
             self.main(*args, **kwargs)
@@ -231,9 +231,6 @@ def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
     result = run_config(cfg, device=device, data_dir=data_dir, tracking_uri=tracking_uri,
                         resume_run_id=resume_run_id, progress=not quiet, source="train")
     click.echo(result.summary_line())
-
-
-# --- commands added by later modules (sweep, search, compare, import) go below this line ---
 
 
 @main.command()

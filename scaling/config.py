@@ -15,6 +15,8 @@ import itertools
 import json
 import math
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -47,7 +49,8 @@ def error_line(e: BaseException, limit: int = 200) -> str:
     return type(e).__name__ + (f": {first_line(e, limit)}" if str(e).strip() else "")
 
 
-DATASETS = ("wikitext2", "random")
+DATASETS = ("wikitext2", "wikitext103", "text", "random")
+CHAR_DATASETS = ("wikitext2", "wikitext103", "text")  # character-level text, vocabulary 128
 SCHEDULES = ("constant", "cosine")
 BUDGET_KINDS = ("steps", "tokens", "flops")
 SPLITS = ("train", "valid", "test")
@@ -62,6 +65,7 @@ COMPILE_MODES = {"default": True, "max-autotune-gemm": {"max_autotune_gemm": Tru
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "wikitext2"
+    corpus: str = ""  # dataset "text": the corpus's name, also the folder of --data-dir that holds it
     random_train_tokens: int = 2_000_000
     random_val_tokens: int = 200_000
 
@@ -225,6 +229,7 @@ class RunConfig:
             "context_length": m.context_length,
             "vocab_size": m.vocab_size,
             "dataset": p.data.dataset,
+            **({"corpus": p.data.corpus} if p.data.corpus else {}),
             "train_split": self.train_split,
             "val_split": self.val_split,
             "eval_interval": t.eval_interval,
@@ -247,8 +252,39 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def warmup_note(cfgs) -> str | None:
+    """One line naming the batch sizes whose runs end before their warmup does (their LR never reaches its
+    peak: the last step's LR is steps/warmup_steps of it), or None when every run completes its warmup."""
+    short = sorted({(c.batch_size, c.steps, c.warmup_steps) for c in cfgs if c.warmup_steps > c.steps})
+    if not short:
+        return None
+    parts = ", ".join(f"B={b}: {s} steps, warmup {w} (LR reaches {s / w:.0%} of its peak)" for b, s, w in short)
+    return f"note: these runs are shorter than their warmup, so their LR never reaches its peak: {parts}"
+
+
+def say_warmup(cfgs) -> None:
+    """Print :func:`warmup_note` on stderr, if there is one (once per command, after its input was checked)."""
+    note = warmup_note(cfgs)
+    if note:
+        print(note, file=sys.stderr)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
+
+
+class _PhaseLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, plus the exponent forms it leaves as strings (``1e-4``, ``3E5``, ``1.0e4``:
+    its resolver wants a dot and a signed exponent), which no researcher means as text."""
+
+
+_PhaseLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text → Python objects, reading ``1e-4`` as a number (:class:`_PhaseLoader`)."""
+    return yaml.load(text, Loader=_PhaseLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def builtin_phase_names() -> list[str]:
@@ -271,7 +307,7 @@ def load_phase(name: str | None = None, phase_file: str | Path | None = None) ->
         text = resources.files("scaling.phases").joinpath(f"{name}.yaml").read_text()
         source = f"built-in phase {name}"
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({first_line(e, 10_000)})") from None
     if not isinstance(raw, dict):
@@ -294,6 +330,8 @@ def _validated(raw: dict) -> Phase:
             raise ConfigError(f"{key} must be a mapping, got {sub!r}")
         _no_unknown_keys(key + ".", sub, {f.name for f in dataclasses.fields(cls)})
         kwargs[key] = cls(**{k: _coerce(f"{key}.{k}", cls, k, v) for k, v in sub.items()})
+    if kwargs["train"].budget_kind == "steps":  # a step budget written 1e4 is the integer it names
+        kwargs["train"] = dataclasses.replace(kwargs["train"], budget=whole(kwargs["train"].budget))
     phase = Phase(**kwargs)
     _check_phase(phase)
     return phase
@@ -311,12 +349,23 @@ def _no_unknown_keys(prefix: str, d: dict, allowed: set[str]) -> None:
             raise ConfigError(f"unknown key {prefix}{k!r}; allowed: {', '.join(sorted(allowed))}")
 
 
+INT_LISTS = ("seeds", "batch_sizes")
+
+
+def whole(x):
+    """A float with no fractional part (``1e4`` in YAML, ``2.0``) as the int it names; anything else as is."""
+    return int(x) if isinstance(x, float) and math.isfinite(x) and x.is_integer() else x
+
+
 def _coerce(path: str, cls, key: str, value):
-    """Turn YAML values into the dataclass field types (lists → tuples), rejecting wrong types."""
+    """Turn YAML values into the dataclass field types (lists → tuples, whole floats of integer fields →
+    ints), rejecting wrong types."""
     if key in ("betas", "seeds", "batch_sizes", "lrs", "clips"):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}")
-        return tuple(value)
+        return tuple(whole(v) for v in value) if key in INT_LISTS else tuple(value)
+    if {f.name: f.type for f in dataclasses.fields(cls)}.get(key) == "int":
+        return whole(value)
     if key == "lr_by_batch_size":
         if isinstance(value, dict):
             return tuple(sorted(value.items()))
@@ -385,8 +434,11 @@ def _check_phase(p: Phase) -> None:
         positive_int(f"model.{k}", getattr(m, k))
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-    if d.dataset == "wikitext2" and m.vocab_size < 128:
-        raise ConfigError(f"model.vocab_size must be >= 128 for character-level wikitext2, got {m.vocab_size}")
+    if d.dataset in CHAR_DATASETS and m.vocab_size < 128:
+        raise ConfigError(f"model.vocab_size must be >= 128 for character-level {d.dataset}, got {m.vocab_size}")
+    if (d.dataset == "text") != bool(d.corpus) or not re.fullmatch(r"[\w.-]*", str(d.corpus)):
+        raise ConfigError(f"data.corpus names the text corpus (a folder name) exactly when data.dataset is text; "
+                          f"got dataset {d.dataset!r}, corpus {d.corpus!r}")
     if d.dataset == "random" and d.random_train_tokens <= m.context_length:
         raise ConfigError(f"data.random_train_tokens must exceed model.context_length, got {d.random_train_tokens}")
     if len(o.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in o.betas):
@@ -403,7 +455,7 @@ def _check_phase(p: Phase) -> None:
     if t.budget_kind not in BUDGET_KINDS:
         raise ConfigError(f"train.budget_kind must be one of {', '.join(BUDGET_KINDS)}, got {t.budget_kind!r}")
     if t.budget_kind == "steps":
-        positive_int("steps", t.budget)
+        positive_int("train.budget (steps)", t.budget)
     else:
         _positive(f"train.budget ({t.budget_kind})", t.budget)
     for k in ("eval_interval", "eval_batches", "log_interval", "checkpoint_every"):

@@ -1,14 +1,17 @@
-"""Data: WikiText-2 characters (through ``datasets``) or seeded random tokens, on device, sampled by index.
+"""Data: character-level text (WikiText-2/103 or a local corpus, through ``datasets``) or seeded random tokens,
+on device, sampled by index.
 
 Tokenization is character level with a fixed vocabulary of 128: a character with code point < 128
 (ASCII) is its own id; every other character (accented letters, CJK, typographic dashes: about
 0.07% of the characters of WikiText-2's validation split) maps to id 0, "unknown" — NUL never occurs in the text, so id 0
 means exactly "a non-ASCII character". Lines are joined with their newlines.
 
-Where the text comes from, in order: ``--data-dir``/``SCALING_DATA_DIR`` (files
-``wiki.{train,valid,test}.raw`` or ``.tokens``, or the hub's parquet files, read with ``datasets``'
-own ``text``/``parquet`` loaders); otherwise the hub (``wikitext``, ``wikitext-2-raw-v1``). Which split
-trains and which validates is explicit (``--splits valid:test``), recorded in the run and printed.
+Where the text comes from: ``--data-dir``/``SCALING_DATA_DIR``, read with ``datasets``' own ``text``/``parquet``
+loaders — for WikiText (``wikitext2``, ``wikitext103``) the files ``wiki.{train,valid,test}.raw`` or ``.tokens`` or the
+hub's parquet files, in the folder or one of its subfolders; for a text corpus (``dataset: text``, ``corpus: NAME``)
+``NAME/{train,valid,test}.txt`` in the folder, or those files in the folder itself. Without a local copy WikiText
+comes from the hub (``wikitext``, ``wikitext-2-raw-v1`` / ``wikitext-103-raw-v1``). Which split trains and which
+validates is explicit (``--splits valid:test``), recorded in the run and printed.
 
 The encoded splits are cached as ``.npy`` under ``SCALING_CACHE_DIR`` (default ``~/.cache/scaling``),
 keyed by the source files' content hash, with the loss baselines beside them: a second run neither
@@ -36,11 +39,18 @@ VAL_BATCH = 64  # sequences per validation batch, whatever the training batch si
 SAMPLER_CHUNK = 256  # steps of batch indices drawn at a time
 
 HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
-HOW_TO_SUPPLY = (
-    "give a local WikiText-2 copy with --data-dir DIR or SCALING_DATA_DIR=DIR (files "
-    "wiki.{train,valid,test}.raw or .tokens, or the hub's *.parquet files); if it lacks the train split, "
-    "choose which split trains and which validates with --splits, e.g. --splits valid:test"
-)
+HUB_CONFIG = {"wikitext2": "wikitext-2-raw-v1", "wikitext103": "wikitext-103-raw-v1"}
+SPLITS_HINT = "choose which split trains and which validates with --splits, e.g. --splits valid:test"
+
+
+def how_to_supply(dataset: str, corpus: str = "") -> str:
+    """What a user can do when a dataset's files are not found: one clause of a one-line error."""
+    if dataset == "text":
+        return (f"give the folder holding {corpus}/{{train,valid,test}}.txt (or those files themselves) with "
+                f"--data-dir DIR or SCALING_DATA_DIR=DIR")
+    return (f"give a local {dataset} copy with --data-dir DIR or SCALING_DATA_DIR=DIR (files "
+            "wiki.{train,valid,test}.raw or .tokens, or the hub's *.parquet files, in DIR or a folder of it); "
+            f"if it lacks the train split, {SPLITS_HINT}")
 
 
 class DataError(ConfigError):
@@ -85,7 +95,7 @@ def find_split_files(data_dir: str | Path) -> dict[str, Path]:
     """Map split name (train/valid/test) → file, for the layouts we accept, raw preferred over tokens."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory not found: {str(root)!r}; {HOW_TO_SUPPLY}")
+        raise DataError(f"data directory not found: {str(root)!r}; {how_to_supply('wikitext2')}")
     dirs = [root] + sorted(p for p in root.iterdir() if p.is_dir())
     found: dict[str, Path] = {}
     for d in dirs:
@@ -135,7 +145,7 @@ def _load_split_cached(path: Path) -> tuple[np.ndarray, str]:
     return ids, digest
 
 
-def _load_from_hub(splits: tuple[str, str]) -> tuple[dict[str, np.ndarray], str]:
+def _load_from_hub(dataset: str, splits: tuple[str, str]) -> tuple[dict[str, np.ndarray], str]:
     import datasets
 
     datasets.logging.set_verbosity_error()  # a failed download is reported once, by us, in one line
@@ -146,39 +156,67 @@ def _load_from_hub(splits: tuple[str, str]) -> tuple[dict[str, np.ndarray], str]
     except (ImportError, AttributeError):
         pass
     try:
-        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
+        ds = datasets.load_dataset("wikitext", HUB_CONFIG[dataset])
     except Exception as e:  # offline, hub down, ...
-        raise DataError(f"WikiText-2 could not be loaded from the Hugging Face hub ({first_line(e, 160)}); "
-                        f"{HOW_TO_SUPPLY}") from None
+        raise DataError(f"{dataset} could not be loaded from the Hugging Face hub ({first_line(e, 160)}); "
+                        f"{how_to_supply(dataset)}") from None
     out = {}
     for s in splits:
         out[s] = encode("".join(ds[HUB_SPLIT[s]]["text"]))
-    return out, "hub:wikitext/wikitext-2-raw-v1"
+    return out, f"hub:wikitext/{HUB_CONFIG[dataset]}"
 
 
-def load_wikitext2(data_dir: str | Path | None, splits: tuple[str, str]) -> Corpus:
+def find_text_files(data_dir: str | Path, corpus: str) -> dict[str, Path]:
+    """Map split name → ``{train,valid,test}.txt`` of a text corpus: in ``data_dir/corpus`` or, for a
+    ``data_dir`` that is the corpus's own folder, in ``data_dir`` itself."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {str(root)!r}; {how_to_supply('text', corpus)}")
+    for d in (root / corpus, root):
+        found = {s: d / f"{s}.txt" for s in ("train", "valid", "test") if (d / f"{s}.txt").is_file()}
+        if found:
+            return found
+    return {}
+
+
+def _local_split_files(data: DataConfig, data_dir: str | Path, splits: tuple[str, str]) -> dict[str, Path]:
+    files = (find_text_files(data_dir, data.corpus) if data.dataset == "text" else find_split_files(data_dir))
+    missing = [s for s in splits if s not in files]
+    if missing:
+        have = ", ".join(sorted(files)) or "none"
+        hint = f"; {SPLITS_HINT}" if len(files) >= 2 else f"; {how_to_supply(data.dataset, data.corpus)}"
+        raise DataError(f"{data.corpus or data.dataset} split {missing[0]!r} not found in {str(data_dir)!r} "
+                        f"(found: {have}){hint}")
+    return files
+
+
+def load_text_corpus(data: DataConfig, data_dir: str | Path | None, splits: tuple[str, str]) -> Corpus:
+    """A character-level corpus (WikiText-2/103 or a local text corpus), its two splits encoded and cached."""
     train_split, val_split = splits
+    name = data.corpus or data.dataset
     if data_dir:
-        files = find_split_files(data_dir)
-        missing = [s for s in splits if s not in files]
-        if missing:
-            have = ", ".join(sorted(files)) or "none"
-            hint = ("; choose a mapping of the splits present, e.g. --splits valid:test" if len(files) >= 2 else "")
-            raise DataError(f"WikiText-2 split {missing[0]!r} not found in {str(data_dir)!r} (found: {have}){hint}")
+        files = _local_split_files(data, data_dir, splits)
         (train, d1), (val, d2) = _load_split_cached(files[train_split]), _load_split_cached(files[val_split])
         source = f"{files[train_split].parent}: train on {files[train_split].name}, validate on {files[val_split].name}"
         fingerprint = hashlib.sha256(f"{d1}:{d2}:{ENCODING_VERSION}".encode()).hexdigest()[:16]
         key = f"{d1[:32]}-{d2[:32]}"
+    elif data.dataset == "text":
+        raise DataError(f"no local data for text corpus {name!r}; {how_to_supply('text', name)}")
     else:
-        arrays, where = _load_from_hub(splits)
+        arrays, where = _load_from_hub(data.dataset, splits)
         train, val = arrays[train_split], arrays[val_split]
         source = f"{where}: train on {train_split}, validate on {val_split}"
         fingerprint = hashlib.sha256(train.tobytes() + b"|" + val.tobytes()).hexdigest()[:16]
         key = fingerprint
-    corpus = Corpus(name="wikitext2", train=torch.from_numpy(train), val=torch.from_numpy(val), vocab_size=128,
+    corpus = Corpus(name=name, train=torch.from_numpy(train), val=torch.from_numpy(val), vocab_size=128,
                     fingerprint=fingerprint, source=source, splits=splits)
     corpus.baselines = _cached_baselines(key, train, val, 128)
     return corpus
+
+
+def load_wikitext2(data_dir: str | Path | None, splits: tuple[str, str]) -> Corpus:
+    """WikiText-2's characters (:func:`load_text_corpus` of the ``wikitext2`` dataset)."""
+    return load_text_corpus(DataConfig(dataset="wikitext2"), data_dir, splits)
 
 
 def random_corpus(data: DataConfig, model: ModelConfig, seed: int) -> Corpus:
@@ -198,7 +236,7 @@ def load_corpus(phase: Phase, seed: int, data_dir: str | Path | None = None,
                 splits: tuple[str, str] = ("train", "valid")) -> Corpus:
     if phase.data.dataset == "random":
         return random_corpus(phase.data, phase.model, seed)
-    return load_wikitext2(data_dir, splits)
+    return load_text_corpus(phase.data, data_dir, splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +278,8 @@ def baselines_for_phase(phase: str | Phase, data_dir: str | Path | None = None,
     if splits is None:
         env = os.environ.get("SCALING_SPLITS")
         splits = tuple(env.split(":")) if env else ("train", "valid")
-    if p.data.dataset == "wikitext2" and not data_dir:
-        raise DataError(f"no local data for phase {p.name!r}; {HOW_TO_SUPPLY}")
+    if p.data.dataset != "random" and not data_dir:
+        raise DataError(f"no local data for phase {p.name!r}; {how_to_supply(p.data.dataset, p.data.corpus)}")
     return load_corpus(p, p.train.seeds[0], data_dir, splits).baselines
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from scaling import tracking
-from scaling.config import ConfigError, RunConfig, clip_text, compile_text, error_line, first_line
-from scaling.data import Corpus, load_corpus
+from scaling.config import ConfigError, RunConfig, clip_text, compile_text, error_line, first_line, say_warmup
+from scaling.data import HUB_CONFIG, Corpus, load_corpus
 from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
@@ -261,10 +261,13 @@ def _dataset_input(corpus: Corpus, cfg: RunConfig):
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    if corpus.name == "random":
+    data, split = cfg.phase.data, f"{cfg.train_split}:{cfg.val_split}"
+    if data.dataset == "random":
         src = HuggingFaceDatasetSource(path="random-tokens", split=corpus.source)
+    elif data.dataset == "text":  # read through datasets' own "text" builder
+        src = HuggingFaceDatasetSource(path="text", config_name=data.corpus, split=split, data_files=corpus.source)
     else:
-        src = HuggingFaceDatasetSource(path="wikitext", config_name="wikitext-2", split=f"{cfg.train_split}:{cfg.val_split}",
+        src = HuggingFaceDatasetSource(path="wikitext", config_name=HUB_CONFIG[data.dataset], split=split,
                                        data_files=corpus.source)
     ds = MetaDataset(src, name=f"{corpus.name}-{cfg.train_split}-{cfg.val_split}", digest=corpus.fingerprint)
     return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
@@ -402,15 +405,28 @@ def open_run(client, cfg: RunConfig, corpus: Corpus, dev, *, resume_run_id=None,
         raise ConfigError(f"resume: no MLflow run {resume_run_id!r} in {client.tracking_uri}") from None
     have = run.data.tags.get(tracking.TAG_CONFIG_HASH)
     if have != cfg.config_hash():
-        raise ConfigError(f"resume: run {resume_run_id} has config_hash {have}, but these options give "
-                          f"{cfg.config_hash()}; pass the options it was started with")
+        raise ConfigError(f"resume: run {resume_run_id} was started with other options ({param_changes(run, cfg)}); "
+                          "pass the options it was started with")
     if run.info.status == "FINISHED":
         raise ConfigError(f"resume: run {resume_run_id} is already FINISHED")
     state = load_checkpoint(client, resume_run_id)
     client.update_run(resume_run_id, status="RUNNING")
     tracking.set_tags(client, resume_run_id, {tracking.TAG_OWNER: tracking.owner_id(), **(resume_tags or {})})
-    print(f"resuming run {resume_run_id} from step {state['step'] if state else 0}", file=sys.stderr)
+    if state is None:
+        print(f"resuming run {resume_run_id} from step 0: it has no readable checkpoint (one is written every "
+              f"{cfg.phase.train.checkpoint_every} steps)", file=sys.stderr)
+    else:
+        print(f"resuming run {resume_run_id} from step {state['step']}", file=sys.stderr)
     return resume_run_id, state
+
+
+def param_changes(run, cfg: RunConfig) -> str:
+    """The params of ``cfg`` that differ from those ``run`` recorded, as "lr 0.003 (now 0.001), ...";
+    "its config_hash differs" when none of the recorded params shows the difference."""
+    logged = run.data.params
+    diffs = [f"{k} {logged[k]} (now {v})" for k, v in cfg.to_params().items()
+             if k in logged and str(v) != logged[k]]
+    return ", ".join(diffs) or f"config_hash {run.data.tags.get(tracking.TAG_CONFIG_HASH)} vs {cfg.config_hash()}"
 
 
 def _drain(sink: MetricSink, writer: CheckpointWriter) -> bool:
@@ -438,6 +454,10 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
     client, dev, corpus = prepared or prepare(cfg, data_dir, tracking_uri, device)
     run_id, resume_state = open_run(client, cfg, corpus, dev, resume_run_id=resume_run_id, source=source,
                                     parent_run_id=parent_run_id, extra_tags=extra_tags)
+    if source == "train":
+        say_warmup([cfg])
+    if source == "train" and not resume_run_id:  # printed now: a kill leaves no chance to print it later
+        print(f"run {run_id} started; if it is interrupted, continue it with --resume {run_id}", file=sys.stderr)
     corpus.to(dev)
     bar = None
     if progress:
@@ -447,8 +467,10 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
     sink, writer = MetricSink(client), CheckpointWriter(client)
     rec = RunRecorder(client, run_id, sink, writer, bar, on_eval, resumed=bool(resume_run_id))
 
+    resume_hint = f"; continue it with --resume {run_id}" if source == "train" else ""
+
     def killed():
-        print(f"interrupted: run {run_id} marked KILLED; continue it with --resume {run_id}", file=sys.stderr)
+        print(f"interrupted: run {run_id} marked KILLED{resume_hint}", file=sys.stderr)
 
     return _train_recorded(lambda: [train(cfg, corpus, dev, rec.hooks(), resume_state)], client, [cfg], [rec],
                            sink, writer, killed)[0]

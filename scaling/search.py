@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, RunConfig, error_line, positive_int
+from scaling.config import ConfigError, Phase, RunConfig, error_line, positive_int, say_warmup
 from scaling.sweep import (TAG_SEARCH_ID, ClaimStore, check_storage_url, classify, default_storage, ensure_parent,
                            link_launcher_run, runs_of_config, safe_url, shared_params)
 
@@ -297,6 +297,7 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
         client = prepared[0]
     else:
         prepared, client = None, tracking.connect(uri)
+    say_warmup(phase.run_config(b, 1.0, splits=splits) for b in batch_sizes)  # the warmup does not depend on the LR
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(phase.name))
     parent = launcher = None

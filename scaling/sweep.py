@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from scaling import tracking
-from scaling.config import ConfigError, Phase, RunConfig, clip_text, error_line, first_line, positive_int
+from scaling.config import ConfigError, Phase, RunConfig, clip_text, error_line, first_line, positive_int, say_warmup
 
 TAG_SWEEP_ID = "scaling.sweep_id"
 TAG_SEARCH_ID = "scaling.search_id"  # a search's parent run (scaling.search) and its trials
@@ -280,6 +280,7 @@ class ConfigResult:
     run_id: str | None = None
     loss: float = float("nan")  # final_val_loss; inf when diverged
     end_time: int | None = None  # ms
+    learned: bool | None = None  # below the unigram baseline (the run's `learned` tag); None: not known
 
 
 def _runs_by_hash(client, exp_id: str, hashes: set[str]) -> dict[str, list]:
@@ -308,6 +309,7 @@ def classify(cfg: RunConfig, runs: list, retry_failed: bool = False, session_sta
         r = finished[0]
         res.state, res.run_id, res.end_time = "FINISHED", r.info.run_id, r.info.end_time
         res.loss = r.data.metrics.get("final_val_loss", float("nan"))
+        res.learned = {"true": True, "false": False}.get(r.data.tags.get(tracking.TAG_LEARNED, ""))
         return res
     if diverged:
         r = diverged[0]
@@ -695,11 +697,17 @@ class SweepSummary:
         out = [f"sweep {self.sweep_id} (phase {self.phase}): parent run {self.parent_run_id}; {n} configs: "
                f"{self.count('FINISHED')} finished, {self.count('DIVERGED')} diverged, {self.count('FAILED')} failed, "
                f"{self.count('PENDING')} pending; {self.trained_now} trained in this invocation"]
+        finished = [r for r in self.results if r.state == "FINISHED"]
+        if finished and all(r.learned is False for r in finished):
+            out.append("  no run learned: every finished run ended above the unigram baseline (tag learned=false), "
+                       "so the best LRs below say nothing about scaling; check the data, the budget and the LR range")
         for b, (lr, loss) in self.best_lr.items():
             edge = ""
             lrs = sorted({r.lr for r in self.results if r.batch_size == b})
             if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
                 edge = "  (on the grid's edge: try `scaling search`)"
+            if not any(r.learned is not False for r in finished if r.batch_size == b):
+                edge = "  (no run at this batch size learned)"
             out.append(f"  best LR at B={b}: {lr:g} (final_val_loss {loss:.4f}){edge}")
         if self.count("FAILED"):
             out.append("  failed configs are rerun with --retry-failed")
@@ -748,6 +756,7 @@ def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tupl
                        group_size=group_size, compile=compile,
                        heartbeat_interval=heartbeat_interval, stale_after=stale_after)
     status = grid_status(client, exp_id, cfgs, retry_failed, session_start_ms)
+    say_warmup(cfgs)
     if progress:
         print(f"sweep {sweep_id}: {len(cfgs)} configs of phase {phase.name}, parent run {parent} "
               f"(storage {safe_url(storage)})", file=sys.stderr)

@@ -139,6 +139,10 @@ def connect(uri: str | None = None, check: bool = True):
     return client
 
 
+# MLflow's UI opens an experiment without this tag in its GenAI view; these are model-training runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(client, name: str) -> str:
     """Experiment id by name, created on first use; tolerant of a concurrent creator (SQLite race)."""
     for attempt in range(8):
@@ -146,9 +150,13 @@ def get_or_create_experiment(client, name: str) -> str:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
+            for k, v in EXPERIMENT_TAGS.items():  # an experiment made before the tag existed
+                if exp.tags.get(k) is None:
+                    client.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=_default_artifact_location(client.tracking_uri))
+            return client.create_experiment(name, artifact_location=_default_artifact_location(client.tracking_uri),
+                                            tags=EXPERIMENT_TAGS)
         except Exception:
             time.sleep(0.05 * (attempt + 1) + random.random() * 0.05)
     exp = client.get_experiment_by_name(name)

@@ -235,7 +235,9 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
 def _summary(cfg: RunConfig, stats: _Stats, val_history, steps_done: int, status: str, n_params: int,
              corpus: Corpus) -> dict[str, float]:
     total = (stats.total / max(steps_done, 1)).tolist()
-    s: dict[str, float] = {"n_params": n_params, "tokens_seen": steps_done * cfg.tokens_per_step,
+    tokens = steps_done * cfg.tokens_per_step
+    # epochs: passes over the training split; windows are drawn at random, so this is the expected count
+    s: dict[str, float] = {"n_params": n_params, "tokens_seen": tokens, "epochs": tokens / len(corpus.train),
                            **corpus.baselines}
     if status == "DIVERGED":
         return s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 from scaling.config import ConfigError, builtin_phase_names, load_phase, n_params_estimate
 
 from conftest import TINY_RANDOM_PHASE, run_cli
+
+BUILTIN_25 = (Path(__file__).parents[1] / "scaling" / "phases" / "2_5.yaml").read_text()
 
 
 def test_builtin_phases_match_the_study():
@@ -66,7 +69,8 @@ def test_config_hash_is_stable_and_sensitive():
     ("name: x\ngrid: {batch_sizes: [0], lrs: [0.1]}\n", "batch_size must be an integer >= 1, got 0"),
     ("name: x\ngrid: {batch_sizes: [4], lrs: [-0.1]}\n", "lr must be a number > 0, got -0.1"),
     ("name: x\ngrid: {batch_sizes: [4], lrs: [0.1], clips: [0]}\n", "grad_clip must be a number > 0, got 0"),
-    ("name: x\ntrain: {budget: 0}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "steps must be an integer >= 1, got 0"),
+    ("name: x\ntrain: {budget: 0}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "train.budget (steps) must be an integer >= 1, got 0"),
+    ("name: x\ntrain: {budget: 2.5e0}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "train.budget (steps) must be an integer >= 1, got 2.5"),
     ("name: x\nmodel: {d_model: 10, n_heads: 3}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "divisible"),
     ("[1, 2]\n", "expected a mapping"),
 ])
@@ -77,6 +81,27 @@ def test_bad_phase_files(tmp_path, yaml_text, needle):
         load_phase(phase_file=f)
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads ``1e-4`` (no dot) as a string; a phase file means the number. A whole float of an integer
+    field (``budget: 1e4`` steps, ``batch_sizes: [3.2e1]``) is that integer, with the same config hash."""
+    f = tmp_path / "p.yaml"
+    f.write_text(BUILTIN_25.replace("budget: 10000", "budget: 1e4").replace("lrs: [1.0e-4, 3.0e-4", "lrs: [1e-4, 3E-4")
+                 .replace("batch_sizes: [32,", "batch_sizes: [3.2e1,"))
+    p, ref = load_phase(phase_file=f), load_phase("2_5")
+    assert p.train.budget == 10000 and isinstance(p.train.budget, int) and p.grid.lrs[:2] == (1e-4, 3e-4)
+    assert p.grid.batch_sizes[0] == 32 and isinstance(p.grid.batch_sizes[0], int)
+    assert p.run_config(32, 1e-4).config_hash() == ref.run_config(32, 1e-4).config_hash()
+
+
+def test_a_run_shorter_than_its_warmup_is_said():
+    from scaling.config import warmup_note
+    p = load_phase("2_5").with_overrides(steps=40)
+    note = warmup_note([p.run_config(b, 3e-3) for b in (32, 64)])
+    assert note.startswith("note:") and "\n" not in note
+    assert "B=32: 40 steps, warmup 200 (LR reaches 20% of its peak)" in note and "B=64" in note
+    assert warmup_note([load_phase("2_5").run_config(32, 3e-3)]) is None
 
 
 def test_unknown_phase():
@@ -173,6 +198,7 @@ def _usage_error_is_one_line(args):
     (["sweep", "--compile-mode", "fast"], "Invalid value for '--compile-mode'"),
     (["search", "--batch-sizes", "8", "--compile-mode", "max"], "Invalid value for '--compile-mode'"),
     (["compare", "--phases"], "'--phases' requires an argument"),
+    (["sweep", "--phase", "2_5", "--lrs", "1e-3,,3e-3"], "none empty"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ])
 def test_click_usage_errors_are_one_line(args, needle):

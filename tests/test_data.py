@@ -104,3 +104,70 @@ def test_sampling_is_a_pure_function_of_seed_and_step():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(v1, v2))
     x, y = v1[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the next tokens
+
+
+def _text_corpus(root, name="mybooks"):
+    """A text corpus folder in the layout of ../shared/data/pd-english: {train,valid,test}.txt."""
+    d = root / name
+    d.mkdir(parents=True)
+    text = (TINY_TEXT / "wiki.valid.tokens").read_text()
+    d.joinpath("train.txt").write_text(text)
+    d.joinpath("valid.txt").write_text((TINY_TEXT / "wiki.test.tokens").read_text())
+    d.joinpath("test.txt").write_text(text[: len(text) // 3])
+    return d
+
+
+def _text_phase(name="mybooks"):
+    from scaling.config import _validated
+    raw = {"name": "t", "data": {"dataset": "text", "corpus": name},
+           "grid": {"batch_sizes": [4], "lrs": [1e-3]}}
+    return _validated(raw)
+
+
+def test_a_local_text_corpus_is_read_by_name_from_the_data_dir_or_its_own_folder(tmp_path):
+    d = _text_corpus(tmp_path / "data")
+    phase = _text_phase()
+    by_parent = load_corpus(phase, 0, tmp_path / "data")
+    by_folder = load_corpus(phase, 0, d)
+    assert by_parent.name == "mybooks" and by_parent.source.endswith("train on train.txt, validate on valid.txt")
+    assert torch.equal(by_parent.train, by_folder.train) and by_parent.fingerprint == by_folder.fingerprint
+    assert len(by_parent.train) == len((d / "train.txt").read_text())  # lines joined with their newlines
+    assert by_parent.baselines["baseline_unigram_loss"] < by_parent.baselines["baseline_uniform_loss"]
+    assert load_corpus(phase, 0, d, ("train", "test")).val.shape[0] < by_parent.val.shape[0]
+
+
+def test_a_text_corpus_that_is_not_there_says_where_it_was_looked_for(tmp_path):
+    _text_corpus(tmp_path / "data")
+    with pytest.raises(DataError, match="no local data for text corpus 'other'"):
+        load_corpus(_text_phase("other"), 0, None)
+    with pytest.raises(DataError, match=r"other split 'train' not found .* \(found: none\); give the folder"):
+        load_corpus(_text_phase("other"), 0, tmp_path / "data")
+    (tmp_path / "data" / "mybooks" / "train.txt").unlink()
+    with pytest.raises(DataError, match="split 'train' not found .*found: test, valid.*--splits"):
+        load_corpus(_text_phase(), 0, tmp_path / "data")
+
+
+def test_text_corpus_config_is_checked():
+    from scaling.config import ConfigError, _validated
+    for data in ({"dataset": "text"}, {"dataset": "wikitext2", "corpus": "x"}, {"dataset": "text", "corpus": "a/b"}):
+        with pytest.raises(ConfigError, match="data.corpus"):
+            _validated({"name": "t", "data": data, "grid": {"batch_sizes": [4], "lrs": [1e-3]}})
+    p = _text_phase()
+    assert p.run_config(4, 1e-3).to_params()["corpus"] == "mybooks"
+    assert "corpus" not in load_phase("2_5").run_config(32, 1e-3).to_params()  # older phases hash as before
+
+
+def test_wikitext103_from_the_hub_is_asked_for_by_its_name(monkeypatch):
+    asked = []
+
+    def offline(*a, **k):
+        asked.append(a)
+        raise ConnectionError("hub unreachable")
+    import datasets
+
+    from scaling.config import _validated
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    phase = _validated({"name": "t", "data": {"dataset": "wikitext103"}, "grid": {"batch_sizes": [4], "lrs": [1e-3]}})
+    with pytest.raises(DataError, match="wikitext103 could not be loaded from the Hugging Face hub"):
+        load_corpus(phase, 0, None)
+    assert asked == [("wikitext", "wikitext-103-raw-v1")]

@@ -73,6 +73,9 @@ def test_quick_2x2_sweep_one_parent_four_children_and_rerun_creates_none(tmp_pat
     assert r.returncode == 0, r.stderr
     assert "4 finished, 0 diverged, 0 failed, 0 pending; 4 trained" in r.stdout
     assert "best LR at B=4" in r.stdout and "best LR at B=8" in r.stdout
+    # random tokens hold nothing to learn: that is said before any advice about the best LRs
+    lines = r.stdout.splitlines()
+    assert "no run learned" in lines[1] and "(no run at this batch size learned)" in lines[2]
     parents, children = phase_runs(uri)
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
@@ -92,6 +95,23 @@ def test_quick_2x2_sweep_one_parent_four_children_and_rerun_creates_none(tmp_pat
     parents2, children2 = phase_runs(uri)
     assert [p.info.run_id for p in parents2] == [parent.info.run_id]  # re-attached to the same parent
     assert {c.info.run_id for c in children2} == {c.info.run_id for c in children}
+
+
+def test_ctrl_c_stops_the_sweep_with_exit_130_and_says_to_rerun(tmp_path, tiny_random_phase, stores):
+    """SIGINT mid-sweep: exit code 130, "rerun the same command" (a sweep has no --resume), no "Aborted!"."""
+    uri, storage = stores
+    proc = subprocess.Popen(sweep_cmd(tiny_random_phase, uri, storage, "--steps", 3000), cwd=tmp_path,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **ONE_THREAD), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not phase_runs(uri)[1] and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume it" in err and "--resume" not in err and "Aborted" not in err
+    assert all(c.info.status == "KILLED" for c in phase_runs(uri)[1])
 
 
 def test_sigkill_midway_then_rerun_finishes_only_the_remaining_configs(tmp_path, tiny_random_phase, stores,

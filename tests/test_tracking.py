@@ -86,3 +86,14 @@ def test_only_plain_database_files_are_seeded(tmp_path, monkeypatch):
     assert calls == [] and not (tmp_path / ":memory:").exists()
     tracking.connect(f"sqlite:///{tmp_path / 'plain.db'}")
     assert calls == [tmp_path / "plain.db"]
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """MLflow's UI opens an experiment without ``mlflow.experimentKind`` in its GenAI view: new experiments get
+    the tag, and one made before (without it) gets it on next use."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    new = tracking.get_or_create_experiment(client, "scaling-phase-a")
+    old = client.create_experiment("scaling-phase-b")
+    assert tracking.get_or_create_experiment(client, "scaling-phase-b") == old
+    for exp_id in (new, old):
+        assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"

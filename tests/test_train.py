@@ -79,6 +79,7 @@ def test_summaries(corpus):
     assert s["min_val_loss"] == min(v for _, v in evals)
     assert s["val_loss_rise"] == pytest.approx(s["final_val_loss"] - s["min_val_loss"])
     assert s["tokens_seen"] == 40 * 8 * phase.model.context_length
+    assert s["epochs"] == pytest.approx(s["tokens_seen"] / len(c.train))  # passes over the training split
     assert s["final_train_loss"] < math.log(128) and s["train_loss_std"] >= 0
     assert {"baseline_uniform_loss", "baseline_unigram_loss", "baseline_bigram_loss"} <= set(s)
     assert [st for st, _ in ckpts] == [10, 20, 30, 40]
