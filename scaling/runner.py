@@ -285,8 +285,17 @@ def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source:
         tags["git_commit"] = commit
     tags.update(extra_tags or {})
     name = run_name or f"B{cfg.batch_size}-lr{cfg.lr:g}-clip{clip_text(cfg.clip)}-s{cfg.seed}"
-    run = tracking.with_retry(client.create_run, exp_id, run_name=name, tags=tags)
-    run_id = run.info.run_id
+    run_id = tracking.with_retry(client.create_run, exp_id, run_name=name, tags=tags).info.run_id
+    try:
+        _describe_run(client, run_id, cfg, corpus, dev)
+    except BaseException:  # Ctrl-C or an error while it is described: the run ends now, not left RUNNING
+        tracking.with_retry(client.set_terminated, run_id, "KILLED")
+        raise
+    return run_id
+
+
+def _describe_run(client, run_id: str, cfg: RunConfig, corpus: Corpus, dev: torch.device) -> None:
+    """A new run's params, dataset input and config.json artifact."""
     params = dict(cfg.to_params(), device=dev.type, dataset_fingerprint=corpus.fingerprint,
                   data_source=corpus.source[:490])
     tracking.log_params(client, run_id, params)
@@ -298,7 +307,6 @@ def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source:
         p = Path(d) / "config.json"
         p.write_text(json.dumps(cfg.to_params(), indent=2, sort_keys=True))
         client.log_artifact(run_id, str(p))
-    return run_id
 
 
 def load_checkpoint(client, run_id: str) -> dict | None:
