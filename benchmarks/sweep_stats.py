@@ -1,6 +1,6 @@
 """The numbers docs/performance.md and docs/results.md derive from returned MLflow stores of full sweeps.
 
-    python scripts/sweep_stats.py sqlite:///a/mlflow.db sqlite:///b/mlflow.db ... [--phase 2_5] [--run B32-lr0.001]
+    python benchmarks/sweep_stats.py sqlite:///a/mlflow.db sqlite:///b/mlflow.db ... [--phase 2_5] [--run B32-lr0.001]
 
 Per store, from the store's own timestamps: the sweep's parent run's start and end (epoch seconds), the
 span of the phase's runs, the time from the first run's creation to step 50 of the run named --run (a
