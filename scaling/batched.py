@@ -214,7 +214,8 @@ def _head_losses(h: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, wte: tor
     """Final LayerNorm, tied head, fp32 cross-entropy: the mean loss of each slot, (M,)."""
     M, ST, _ = h.shape
     logits = torch.bmm(_layer_norm(h, lnw, lnb), wte.transpose(1, 2))
-    ce = F.cross_entropy(logits.float().reshape(M * ST, -1), y.reshape(-1), reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32, as NanoTransformer.loss
+    ce = F.cross_entropy(logits.reshape(M * ST, -1), y.reshape(-1), reduction="none")
     return ce.view(M, ST).mean(1)
 
 
@@ -552,6 +553,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     offsets = [sum(numels[:i]) for i in range(len(numels))]
     N = sum(numels)
     mask = decay_mask(template)
+    dtype = next(template.parameters()).dtype  # the default dtype: float32, or float64 in the equivalence tests
     decay = torch.cat([torch.full((n,), mask[nm], dtype=torch.bool) for nm, n in zip(names, numels)]).to(device)
     # torch AdamW's parameter indices j, in make_optimizer's own order: the slice of a row each one is
     opt = make_optimizer(template, cfgs[0], device)
@@ -572,9 +574,9 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                                window_start=c.steps - window))
     Wmax = max(mb.window for mb in members)
 
-    P = torch.empty(K, N, device=device)
-    m = torch.zeros(K, N, device=device)
-    v = torch.zeros(K, N, device=device)
+    P = torch.empty(K, N, device=device, dtype=dtype)
+    m = torch.zeros(K, N, device=device, dtype=dtype)
+    v = torch.zeros(K, N, device=device, dtype=dtype)
     interval = torch.zeros(K, 5, device=device, dtype=torch.float64)
     total = torch.zeros(K, 5, device=device, dtype=torch.float64)
     final = torch.zeros(K, Wmax + 1, device=device, dtype=torch.float64)  # column Wmax: "not in the window"
@@ -598,17 +600,17 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
             final[mb.row, :len(fl)] = fl.to(device)
             mb.val_history = list(st["val_history"])
         for nm, a, n in zip(names, offsets, numels):
-            P[mb.row, a:a + n] = sd[nm].detach().reshape(-1).to(device, torch.float32)
+            P[mb.row, a:a + n] = sd[nm].detach().reshape(-1).to(device, dtype)
         for j, (a, n, _) in enumerate(opt_slices):
             if j in ost:
-                m[mb.row, a:a + n] = ost[j]["exp_avg"].reshape(-1).to(device)
-                v[mb.row, a:a + n] = ost[j]["exp_avg_sq"].reshape(-1).to(device)
+                m[mb.row, a:a + n] = ost[j]["exp_avg"].reshape(-1).to(device, dtype)
+                v[mb.row, a:a + n] = ost[j]["exp_avg_sq"].reshape(-1).to(device, dtype)
         mb.tokens_last = mb.step
         mb.running = mb.step < mb.cfg.steps
         if not mb.running:  # a state taken at the end: nothing left to train
             mb.result = _result(mb, interval, total, final, "FINISHED", N, corpus)
     clip = torch.tensor([math.inf if members[r].cfg.clip is None else members[r].cfg.clip for r in range(K)],
-                        device=device, dtype=torch.float32)
+                        device=device, dtype=dtype)
     # views of P's rows, one leaf per parameter name: autograd gives one gradient per name
     params = [P[:, a:a + n].view(K, *s).detach().requires_grad_() for a, n, s in zip(offsets, numels, shapes)]
 
@@ -657,7 +659,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         # the tables of the next TABLE_CHUNK steps (refilled in place: a recorded graph reads these
         # addresses) and the device-side row counter the step reads them by and advances
         ps.starts = torch.zeros(TABLE_CHUNK, ps.n_seqs, dtype=torch.long, device=tokens.device)
-        ps.sched = torch.ones(TABLE_CHUNK, 3, K, device=device)
+        ps.sched = torch.ones(TABLE_CHUNK, 3, K, device=device, dtype=dtype)
         ps.fpos = torch.full((TABLE_CHUNK, K), Wmax, dtype=torch.long, device=device)
         ps.row = torch.zeros(1, dtype=torch.long, device=device)
         ps.tick = TABLE_CHUNK  # tables not filled yet
@@ -694,7 +696,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
         (CH, 3, K), final-window slots (CH, K); the step's row counter back to 0."""
         CH = TABLE_CHUNK
         starts = torch.zeros(CH, ps.n_seqs, dtype=torch.long)
-        sched = torch.empty(CH, 3, K, dtype=torch.float32)
+        sched = torch.empty(CH, 3, K, dtype=dtype)
         sched[:, 0], sched[:, 1], sched[:, 2] = FROZEN_SCHED
         fpos = torch.full((CH, K), Wmax, dtype=torch.long)
         for mb, c0 in ps.cols:
@@ -711,7 +713,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 rows.append((1 - lr * wd, -(lr / (1 - beta1 ** t)), (1 - beta2 ** t) ** 0.5))
                 if mb.window_start <= s < mb.cfg.steps:
                     fpos[r, mb.row] = s - mb.window_start
-            sched[:, :, mb.row] = torch.tensor(rows, dtype=torch.float64).to(torch.float32)
+            sched[:, :, mb.row] = torch.tensor(rows, dtype=torch.float64).to(dtype)
         if cuda:
             starts, sched, fpos = starts.pin_memory(), sched.pin_memory(), fpos.pin_memory()
         ps.starts.copy_(starts, non_blocking=True)
@@ -743,7 +745,7 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
             idx = torch.tensor(rows, device=device)
             W = {n: p.detach().index_select(0, idx) for n, p in zip(names, params)}
         M = len(next(iter(W.values())))
-        tot = torch.zeros(M, device=device)
+        tot = torch.zeros(M, device=device, dtype=dtype)
         for x, y in val_set:
             xe, ye = x.expand(M, *x.shape), y.expand(M, *y.shape)
             with autocast(), sdpa_backends(EVAL_SDPA, device):
