@@ -30,7 +30,7 @@ How (the layout)
 
 Per step there is no host sync: batch indices and the per-model optimizer scalars are precomputed for
 256 steps into tables on the device that the step reads by a device-side counter (so that, compiled on
-CUDA, the whole step is one CUDA graph replayed every tick), running statistics (the same ``_Stats`` sums
+CUDA, the whole step is one CUDA graph replayed every tick), running statistics (the same ``RunStats`` sums
 as train.py, one row per model) are accumulated on the device and copied to the host once per logging
 interval without waiting (handed to the hooks when they have arrived, and always before an evaluation,
 a checkpoint or the end of a run).
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from scaling.config import ModelConfig, RunConfig
 from scaling.data import SAMPLER_CHUNK, Corpus, batch_starts, validation_batches, windows
 from scaling.model import build_model, decay_mask
-from scaling.train import (LOG_METRICS, Hooks, Pruned, TrainResult, _Stats, _summary, clip_stats, due, final_window,
+from scaling.train import (LOG_METRICS, Hooks, Pruned, TrainResult, RunStats, summarize, clip_stats, due, final_window,
                            lr_at, make_optimizer)
 
 TABLE_CHUNK = 256  # steps of batch indices / optimizer scalars prepared at a time
@@ -955,11 +955,11 @@ def _stop(mb: _Member, status: str, interval, total, final, n_params: int, corpu
 
 
 def _result(mb: _Member, interval, total, final, status: str, n_params: int, corpus: Corpus) -> TrainResult:
-    """The member's TrainResult through train.py's own ``_summary`` (its rows as a ``_Stats``)."""
-    stats = _Stats("cpu", mb.window)
+    """The member's TrainResult through train.py's own ``summarize`` (its rows as a ``RunStats``)."""
+    stats = RunStats("cpu", mb.window)
     stats.interval, stats.total = interval[mb.row].cpu(), total[mb.row].cpu()
     stats.final_losses = final[mb.row, :mb.window].cpu()
     steps_done = mb.cfg.steps if status == "FINISHED" else mb.step
     return TrainResult(status=status, steps_done=steps_done, n_params=n_params,
-                       summary=_summary(mb.cfg, stats, mb.val_history, steps_done, status, n_params, corpus),
+                       summary=summarize(mb.cfg, stats, mb.val_history, steps_done, status, n_params, corpus),
                        val_history=list(mb.val_history))
