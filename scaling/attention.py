@@ -6,13 +6,14 @@ of S sequences of T tokens, q in columns [0, C), k in [C, 2C), v in [2C, 3C), he
 [h*D, (h+1)*D) of each. ``causal_attention(qkv, T, H)`` returns the heads' outputs already side by side,
 (M, S*T, C), as the output projection reads them; its gradient is one (M, S*T, 3C) tensor, as the qkv
 projection's backward reads it. So no head transposes in the forward, and no concatenation of dq, dk and dv
-in the backward (0.61 ms of the 17.3 ms step of docs/performance.md's fifth round).
+in the backward.
 
 The kernels are FlashAttention-2's (an online softmax in the forward; the backward recomputes the
 probabilities from the saved log-sum-exp, and its dk/dv and dq loops run in one program per key/query
-block), in blocks of ``BLOCK`` rows; inputs bf16 or fp16, every sum in fp32, as FlexAttention and the SDPA
-kernels compute them. ``torch.library.triton_op`` makes each a PyTorch operator that ``torch.compile``
-traces into and a CUDA graph records.
+block), in blocks of ``BLOCK`` rows; inputs bf16 or fp16, every sum in fp32, as the SDPA kernels compute
+them. ``torch.library.triton_op`` makes each a PyTorch operator that ``torch.compile`` traces into and a
+CUDA graph records. The number of sequences only sets the kernels' grid (shapes, strides and scales are
+compile-time constants of T, C and H), so one compiled pass serves any number of slots.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 BLOCK = 64  # rows (queries or keys) per block; T must be a multiple of it
 # the kernels' launch options: (block, forward's warps, backward's warps, pipeline stages), among the fastest
-# measured on an H100 at T=128, head dim 32 (benchmarks/bench_flex.py, docs/performance.md, tenth round)
+# on an H100 at T=128, head dim 32 (benchmarks/bench_attention.py times others)
 OPTIONS = (BLOCK, 4, 4, 2)
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -103,8 +104,8 @@ def operator():
         tl.store(LSE + nh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i))
 
     @triton.jit
-    def _bwd(QKV, O, DO, LSE, DQKV, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr, C: tl.constexpr, H: tl.constexpr,
-             D: tl.constexpr, BLOCK_: tl.constexpr):
+    def _bwd(QKV, O, DO, LSE, DQKV, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr,
+             C: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_: tl.constexpr):
         b = tl.program_id(0)  # this program's key block (dk, dv) and query block (dq)
         nh = tl.program_id(1)
         n = nh // H
