@@ -59,18 +59,17 @@ def parse_options(text: str) -> tuple[int, int, int, int]:
     return out
 
 
-_OPERATOR = None
+def _scales(D: int) -> tuple[float, float]:
+    """The softmax scale 1/sqrt(D), and the same in base 2 (the kernels exponentiate with exp2)."""
+    sm = 1.0 / math.sqrt(D)
+    return sm, sm * LOG2E
 
 
-def operator():
-    """The forward operator, ``scaling::causal_attention_fwd(qkv, T, H, options) -> (out, lse)``, with its
-    backward: the Triton kernels and both operators are defined on first use (Triton is imported here)."""
-    global _OPERATOR
-    if _OPERATOR is not None:
-        return _OPERATOR
+def _forward_kernel():
+    """The forward's Triton kernel: one program per (query block, sequence and head), an online softmax over
+    the key blocks up to the diagonal; it writes the output and the log-sum-exp (base 2) of each row."""
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
     @triton.jit
     def _fwd(QKV, O, LSE, QK_SCALE: tl.constexpr, T: tl.constexpr, C: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
@@ -102,6 +101,14 @@ def operator():
         o_base = O + n.to(tl.int64) * (T * C) + h * D
         tl.store(o_base + offs_m[:, None] * C + cols[None, :], acc.to(O.dtype.element_ty))
         tl.store(LSE + nh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i))
+    return _fwd
+
+
+def _backward_kernel():
+    """The backward's Triton kernel: one program per (block, sequence and head) computes dk, dv of that key
+    block and dq of that query block, recomputing the probabilities from the saved log-sum-exp."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def _bwd(QKV, O, DO, LSE, DQKV, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr,
@@ -159,10 +166,21 @@ def operator():
             ds = (p * (dp - delta[:, None])).to(k.dtype)
             dq += tl.dot(ds, k)
         tl.store(dbase + offs_m[:, None] * (3 * C) + cols[None, :], (dq * SM_SCALE).to(DQKV.dtype.element_ty))
+    return _bwd
 
-    def scales(D: int) -> tuple[float, float]:
-        sm = 1.0 / math.sqrt(D)
-        return sm, sm * LOG2E
+
+_OPERATOR = None
+
+
+def operator():
+    """The forward operator, ``scaling::causal_attention_fwd(qkv, T, H, options) -> (out, lse)``, with its
+    backward: the Triton kernels and both operators are defined on first use (Triton is imported then)."""
+    global _OPERATOR
+    if _OPERATOR is not None:
+        return _OPERATOR
+    from torch.library import triton_op, wrap_triton
+
+    _fwd, _bwd = _forward_kernel(), _backward_kernel()
 
     @triton_op("scaling::causal_attention_fwd", mutates_args=())
     def fwd(qkv: torch.Tensor, T: int, H: int, options: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +190,7 @@ def operator():
         block, warps, _, stages = options
         o = qkv.new_empty(M, ST, C)
         lse = torch.empty(N * H, T, device=qkv.device, dtype=torch.float32)
-        wrap_triton(_fwd)[(T // block, N * H)](qkv, o, lse, QK_SCALE=scales(C // H)[1], T=T, C=C, H=H, D=C // H,
+        wrap_triton(_fwd)[(T // block, N * H)](qkv, o, lse, QK_SCALE=_scales(C // H)[1], T=T, C=C, H=H, D=C // H,
                                                BLOCK_=block, num_warps=warps, num_stages=stages)
         return o, lse
 
@@ -184,7 +202,7 @@ def operator():
         N = M * (ST // T)
         block, _, warps, stages = options
         dqkv = torch.empty_like(qkv)
-        sm, qk = scales(C // H)
+        sm, qk = _scales(C // H)
         wrap_triton(_bwd)[(T // block, N * H)](qkv, o, do, lse, dqkv, SM_SCALE=sm, QK_SCALE=qk, T=T, C=C, H=H, D=C // H,
                                                BLOCK_=block, num_warps=warps, num_stages=stages)
         return dqkv
