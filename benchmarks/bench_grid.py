@@ -8,7 +8,8 @@ vocab 128, context 128) at the grid's batch sizes:
   (b) the project's single-config path ``scaling.train.train`` (bf16 autocast on CUDA, fused AdamW,
       device-side metrics fetched once per log interval);
   (c) the batched path ``scaling.batched.train_group``: every config of the grid in one pass, eager
-      and/or compiled (compile time reported apart from the steady state).
+      and/or compiled in the modes ``--compile-mode`` names (compile time reported apart from the steady
+      state; on CUDA the peak GPU memory of the pass too).
 
 Prints steps/s, tokens/s and achieved TFLOP/s (6·N·tokens + attention 12·L·T·d per token, N = all
 parameters, causal mask not discounted), the ratios b/a and c/a, and the projected full-grid wall time of
@@ -19,7 +20,7 @@ Imports only torch and scaling.{config,model,train,data,batched}: runs where mlf
 (except ``--record``, which records into a temporary MLflow store as ``scaling sweep`` does).
 
   python benchmarks/bench_grid.py --smoke     # CPU, seconds (CI): a d_model=32 2-layer model, B 2 and 4
-  python benchmarks/bench_grid.py --variants eager:slots,compile:slots --check --out bench.json   # GPU
+  python benchmarks/bench_grid.py --variants eager,default --check --out bench.json   # GPU
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from scaling.attention import parse_options  # noqa: E402
-from scaling.batched import WARM_TICKS, flex_spec, train_group  # noqa: E402
-from scaling.config import DataConfig, ModelConfig, load_phase  # noqa: E402
+from scaling.batched import WARM_TICKS, train_group  # noqa: E402
+from scaling.config import COMPILE_MODES, DataConfig, ModelConfig, load_phase  # noqa: E402
 from scaling.data import BatchSampler, load_corpus, random_corpus  # noqa: E402
 from scaling.model import build_model, decay_mask  # noqa: E402
 from scaling.train import Hooks, lr_at, resolve_device, train  # noqa: E402
@@ -58,42 +58,13 @@ def flops_per_token(mc, n_params: int) -> float:
 
 
 def parse_variant(variant: str) -> dict:
-    """COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEX]]]]] → train_group keyword arguments.
-
-    COMPILE: eager, compile (default mode), cdt (default mode + coordinate-descent tuning of the
-    generated kernels), magemm (default mode + autotuned Triton matmul templates, which can take the
-    layer norms and GELU into their prologues and epilogues) or a torch.compile mode name
-    ("max-autotune-no-cudagraphs": matmuls, pointwise kernels and FlexAttention autotuned); LAYOUT: slots, groups; ATTENTION: auto
-    (train_group's default: fused when compiling on CUDA), fused (this project's Triton kernels,
-    ``scaling.attention``), flex (FlexAttention) or a CUDA SDPA backend
-    (default = torch's choice, flash, efficient, cudnn, math); SCOPE:
-    graph (compile the whole pass, train_group's default) or block (one block, reused per layer);
-    CUDAGRAPH: cg (the step replayed as a CUDA graph), nocg (launched every step) or auto (train_group's
-    default: cg when compiling on CUDA); FLEX: FlexAttention's options as BLOCK/FWD/BWD
-    (:func:`scaling.batched.flex_spec`: the block mask's block size, the forward's M.N.STAGES.WARPS, the
-    backward's M1.N1.M2.N2.STAGES.WARPS, "-" for a default; six integers alone are the backward's), e.g.
-    64/-/32.64.64.32.3.4; none: train_group's default (``scaling.batched.FLEX_TUNED`` where measured);
-    -/-/-: inductor's defaults (on an H100 at head dim 32: 128/64.64.3.4/64.64.64.64.3.4); with ATTENTION
-    fused, the fused kernels' BLOCK.FWD_WARPS.BWD_WARPS.STAGES instead (``scaling.attention.parse_options``).
-    """
-    parts = variant.split(":")
-    comp = parts[0]
-    layout = (parts[1:2] or ["slots"])[0]
-    attention = (parts[2:3] or ["auto"])[0]
-    scope = (parts[3:4] or ["graph"])[0]
-    graph = {"cg": "on", "nocg": "off", "auto": "auto"}[(parts[4:5] or ["auto"])[0]]
-    compile_arg = {"eager": False, "compile": True, "cdt": {"coordinate_descent_tuning": True},
-                   "magemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}.get(comp, comp)
-    kw = {"compile": compile_arg, "layout": layout, "attention": attention, "scope": scope, "cuda_graph": graph}
-    if parts[5:6] and parts[5]:
-        try:
-            if attention == "fused":
-                kw["fused_options"] = parse_options(parts[5])
-            else:
-                kw["flex_options"] = flex_spec(parts[5])
-        except ValueError as e:
-            raise ValueError(f"variant {variant!r}: {e}") from None
-    return kw
+    """A variant → train_group keyword arguments: "eager" (not compiled) or a ``--compile-mode`` name
+    (``config.COMPILE_MODES``: default, max-autotune-gemm, max-autotune), as a user's command trains."""
+    if variant == "eager":
+        return {"compile": False}
+    if variant not in COMPILE_MODES:
+        raise ValueError(f"variant {variant!r}: want eager or one of {', '.join(COMPILE_MODES)}")
+    return {"compile": COMPILE_MODES[variant]}
 
 
 def fresh_compile() -> None:
@@ -279,6 +250,8 @@ class Bench:
         else:
             fresh_compile()
         self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
         handoff = contextlib.nullcontext()
         if record:  # as the sweep trains (runner imports mlflow: only with --record)
             from scaling.runner import quick_gil_handoff
@@ -302,7 +275,7 @@ class Bench:
         # a compiled evaluation compiles in its first call: that one's excess over the others is compile time
         evals = tm["evals"] or [0.0]  # none if every model stopped before the first evaluation
         eval_each = statistics.mean(evals[1:]) if len(evals) > 1 else evals[0]
-        eval_compile_s = max(0.0, evals[0] - eval_each) if kw["compile"] and kw["scope"] == "graph" else 0.0
+        eval_compile_s = max(0.0, evals[0] - eval_each) if kw["compile"] else 0.0
         compile_s = max(0.0, warm - WARM_TICKS * tick_s) + eval_compile_s
         seqs = sum(c.batch_size for c in cfgs)
         tokens_per_tick = seqs * self.phase.model.context_length
@@ -315,6 +288,7 @@ class Bench:
              "tflops": tokens_per_tick / tick_s * self.fpt / 1e12, "eval_s_each": eval_each,
              "projected_grid_s": projected, "statuses": [x.status for x in res],
              "eval_compile_s": eval_compile_s,
+             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None,
              "note": "projected = setup + compile (of the step and of the evaluation) + steps x steady step + "
                      "evals (uniform step counts assumed)"}
         if record:
@@ -325,6 +299,7 @@ class Bench:
               f"({r['steps_per_s']:.1f} group steps/s, {r['tokens_per_s'] / 1e6:.2f} M tok/s, "
               f"{r['tflops']:.1f} TFLOP/s); compile {compile_s:.1f} s, eval {eval_each * 1e3:.0f} ms; "
               f"projected grid {projected:.1f} s"
+              + (f"; peak GPU memory {r['peak_mem_gb']:.2f} GiB" if self.cuda else "")
               + (f"; runs created in {create_s:.1f} s, final flush {flush_s:.1f} s" if record else ""), flush=True)
         self.save()
 
@@ -361,7 +336,8 @@ class Bench:
 
     # ---- numerics: the paths against each other --------------------------------------------------------------
     def check(self) -> None:
-        """Interval-mean losses and val losses of a few configs: batched (auto precision, fp32) vs alone."""
+        """Interval-mean losses and val losses of a few configs: batched vs alone (both bf16 on CUDA) vs the
+        plain fp32 loop."""
         n = self.args.check_steps
         bs = sorted({self.phase.grid.batch_sizes[0], self.phase.grid.batch_sizes[-1]})
         lrs = sorted({self.phase.grid.lrs[len(self.phase.grid.lrs) // 2], self.phase.grid.lrs[-1]})
@@ -387,13 +363,10 @@ class Bench:
     def _check(self, cfgs, n, li, rec) -> None:
         kw = parse_variant(self.args.check_variant)
 
-        def group(precision):
-            rs = [rec() for _ in cfgs]
-            fresh_compile()
-            train_group(cfgs, self.corpus, self.device, [h for *_, h in rs], precision=precision, **kw)
-            return [(lg, ev) for lg, ev, _ in rs]
-
-        runs = {"group_auto": group("auto"), "group_fp32": group("fp32")}
+        rs = [rec() for _ in cfgs]
+        fresh_compile()
+        train_group(cfgs, self.corpus, self.device, [h for *_, h in rs], **kw)
+        runs = {"group": [(lg, ev) for lg, ev, _ in rs]}
         single = []
         for c in cfgs:
             lg, ev, h = rec()
@@ -409,8 +382,7 @@ class Bench:
         def maxrel(x, y):
             return max(abs(a - b) / abs(b) for a, b in zip(x, y)) if x and y else None
 
-        pairs = [("group_fp32", "plain_fp32"), ("group_auto", "single_auto"), ("group_auto", "group_fp32"),
-                 ("single_auto", "plain_fp32")]
+        pairs = [("group", "single_auto"), ("group", "plain_fp32"), ("single_auto", "plain_fp32")]
         out = {"configs": [(c.batch_size, c.lr) for c in cfgs], "steps": n, "log_interval": li, "pairs": {},
                "data": self.corpus.source}
         for x, y in pairs:
@@ -503,11 +475,9 @@ def main(argv=None) -> int:
     ap.add_argument("--phase", default="2_5")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--paths", default="a,b,c", help="which of a,b,c to measure")
-    ap.add_argument("--variants", default="eager:slots",
-                    help="train_group variants, comma-separated COMPILE[:LAYOUT[:ATTENTION[:SCOPE[:CUDAGRAPH[:FLEX]]]]] "
-                         "(see parse_variant): COMPILE in eager, compile, cdt, magemm or a torch.compile mode; LAYOUT in "
-                         "slots, groups; ATTENTION in auto, flex, default, flash, efficient, cudnn, math; SCOPE in graph, "
-                         "block; CUDAGRAPH in cg, nocg, auto; FLEX BLOCK/FWD/BWD (FlexAttention options, scaling.batched.flex_spec)")
+    ap.add_argument("--variants", default="eager",
+                    help=f"train_group variants, comma-separated: eager or a --compile-mode "
+                         f"({', '.join(COMPILE_MODES)})")
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="override the grid's batch sizes")
     ap.add_argument("--lrs", type=float, nargs="+", help="override the grid's learning rates")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per batch size for (a) and (b)")
@@ -553,6 +523,11 @@ def main(argv=None) -> int:
         args.eval_batches = args.eval_batches or 1
         torch.set_num_threads(1)
     args.variants = [v for v in args.variants.split(",") if v]
+    for v in args.variants + [args.check_variant]:
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            ap.error(str(e))
     bad = [p for p in args.record_parts.split(",") if p not in RECORD_PARTS]
     if bad:
         ap.error(f"--record-parts: {', '.join(bad)} not in {', '.join(RECORD_PARTS)}")

@@ -6,13 +6,14 @@ of S sequences of T tokens, q in columns [0, C), k in [C, 2C), v in [2C, 3C), he
 [h*D, (h+1)*D) of each. ``causal_attention(qkv, T, H)`` returns the heads' outputs already side by side,
 (M, S*T, C), as the output projection reads them; its gradient is one (M, S*T, 3C) tensor, as the qkv
 projection's backward reads it. So no head transposes in the forward, and no concatenation of dq, dk and dv
-in the backward (0.61 ms of the 17.3 ms step of docs/performance.md's fifth round).
+in the backward.
 
 The kernels are FlashAttention-2's (an online softmax in the forward; the backward recomputes the
 probabilities from the saved log-sum-exp, and its dk/dv and dq loops run in one program per key/query
-block), in blocks of ``BLOCK`` rows; inputs bf16 or fp16, every sum in fp32, as FlexAttention and the SDPA
-kernels compute them. ``torch.library.triton_op`` makes each a PyTorch operator that ``torch.compile``
-traces into and a CUDA graph records.
+block), in blocks of ``BLOCK`` rows; inputs bf16 or fp16, every sum in fp32, as the SDPA kernels compute
+them. ``torch.library.triton_op`` makes each a PyTorch operator that ``torch.compile`` traces into and a
+CUDA graph records. The number of sequences only sets the kernels' grid (shapes, strides and scales are
+compile-time constants of T, C and H), so one compiled pass serves any number of slots.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 BLOCK = 64  # rows (queries or keys) per block; T must be a multiple of it
 # the kernels' launch options: (block, forward's warps, backward's warps, pipeline stages), among the fastest
-# measured on an H100 at T=128, head dim 32 (benchmarks/bench_flex.py, docs/performance.md, tenth round)
+# on an H100 at T=128, head dim 32 (benchmarks/bench_attention.py times others)
 OPTIONS = (BLOCK, 4, 4, 2)
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -58,18 +59,17 @@ def parse_options(text: str) -> tuple[int, int, int, int]:
     return out
 
 
-_OPERATOR = None
+def _scales(D: int) -> tuple[float, float]:
+    """The softmax scale 1/sqrt(D), and the same in base 2 (the kernels exponentiate with exp2)."""
+    sm = 1.0 / math.sqrt(D)
+    return sm, sm * LOG2E
 
 
-def operator():
-    """The forward operator, ``scaling::causal_attention_fwd(qkv, T, H, options) -> (out, lse)``, with its
-    backward: the Triton kernels and both operators are defined on first use (Triton is imported here)."""
-    global _OPERATOR
-    if _OPERATOR is not None:
-        return _OPERATOR
+def _forward_kernel():
+    """The forward's Triton kernel: one program per (query block, sequence and head), an online softmax over
+    the key blocks up to the diagonal; it writes the output and the log-sum-exp (base 2) of each row."""
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
     @triton.jit
     def _fwd(QKV, O, LSE, QK_SCALE: tl.constexpr, T: tl.constexpr, C: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
@@ -101,10 +101,18 @@ def operator():
         o_base = O + n.to(tl.int64) * (T * C) + h * D
         tl.store(o_base + offs_m[:, None] * C + cols[None, :], acc.to(O.dtype.element_ty))
         tl.store(LSE + nh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i))
+    return _fwd
+
+
+def _backward_kernel():
+    """The backward's Triton kernel: one program per (block, sequence and head) computes dk, dv of that key
+    block and dq of that query block, recomputing the probabilities from the saved log-sum-exp."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
-    def _bwd(QKV, O, DO, LSE, DQKV, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr, C: tl.constexpr, H: tl.constexpr,
-             D: tl.constexpr, BLOCK_: tl.constexpr):
+    def _bwd(QKV, O, DO, LSE, DQKV, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr,
+             C: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_: tl.constexpr):
         b = tl.program_id(0)  # this program's key block (dk, dv) and query block (dq)
         nh = tl.program_id(1)
         n = nh // H
@@ -158,10 +166,21 @@ def operator():
             ds = (p * (dp - delta[:, None])).to(k.dtype)
             dq += tl.dot(ds, k)
         tl.store(dbase + offs_m[:, None] * (3 * C) + cols[None, :], (dq * SM_SCALE).to(DQKV.dtype.element_ty))
+    return _bwd
 
-    def scales(D: int) -> tuple[float, float]:
-        sm = 1.0 / math.sqrt(D)
-        return sm, sm * LOG2E
+
+_OPERATOR = None
+
+
+def operator():
+    """The forward operator, ``scaling::causal_attention_fwd(qkv, T, H, options) -> (out, lse)``, with its
+    backward: the Triton kernels and both operators are defined on first use (Triton is imported then)."""
+    global _OPERATOR
+    if _OPERATOR is not None:
+        return _OPERATOR
+    from torch.library import triton_op, wrap_triton
+
+    _fwd, _bwd = _forward_kernel(), _backward_kernel()
 
     @triton_op("scaling::causal_attention_fwd", mutates_args=())
     def fwd(qkv: torch.Tensor, T: int, H: int, options: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +190,7 @@ def operator():
         block, warps, _, stages = options
         o = qkv.new_empty(M, ST, C)
         lse = torch.empty(N * H, T, device=qkv.device, dtype=torch.float32)
-        wrap_triton(_fwd)[(T // block, N * H)](qkv, o, lse, QK_SCALE=scales(C // H)[1], T=T, C=C, H=H, D=C // H,
+        wrap_triton(_fwd)[(T // block, N * H)](qkv, o, lse, QK_SCALE=_scales(C // H)[1], T=T, C=C, H=H, D=C // H,
                                                BLOCK_=block, num_warps=warps, num_stages=stages)
         return o, lse
 
@@ -183,7 +202,7 @@ def operator():
         N = M * (ST // T)
         block, _, warps, stages = options
         dqkv = torch.empty_like(qkv)
-        sm, qk = scales(C // H)
+        sm, qk = _scales(C // H)
         wrap_triton(_bwd)[(T // block, N * H)](qkv, o, do, lse, dqkv, SM_SCALE=sm, QK_SCALE=qk, T=T, C=C, H=H, D=C // H,
                                                BLOCK_=block, num_warps=warps, num_stages=stages)
         return dqkv

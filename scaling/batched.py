@@ -6,17 +6,15 @@ The result of each configuration is the one :func:`scaling.train.train` gives it
 ``build_model(cfg, seed)``, same batches from ``BatchSampler``, same LR schedule, same AdamW and clip
 formulas, same validation batches, same hooks, same ``TrainResult``), up to floating-point summation order.
 
-How (the layout)
-  * Parameters live in one fp32 matrix ``P`` of shape (K, N): row k is model k's parameters, flattened in
-    ``named_parameters`` order. The forward pass sees them as per-name views (K, *shape); AdamW moments
-    ``m``, ``v`` are (K, N) too, so the optimizer is a handful of elementwise ops over (K, N).
-  * ``layout="slots"`` (default): each model's batch is split into slots of S sequences, S = gcd of the
-    batch sizes in the pass (the phase 2.5 grid: S = 32, B=256 → 8 slots). Each slot gathers its model's
-    weights (``index_select`` along the model dimension) and all slots run as one set of batched matmuls;
-    a model's loss is the mean of its slots' means (= the mean over its B·T tokens). One graph whatever
-    the batch sizes, so ``torch.compile`` compiles once.
-    ``layout="groups"``: models sorted by batch size, each run of consecutive models with equal B is one
-    batched forward on slices of the weights (no gather, one graph per batch size).
+How
+  * Parameters live in one matrix ``P`` of shape (K, N), in the parameters' dtype: row k is model k's
+    parameters, flattened in ``named_parameters`` order (:class:`RowLayout`). The forward pass sees them
+    as per-name views (K, *shape); AdamW moments ``m``, ``v`` are (K, N) too, so the optimizer is a
+    handful of elementwise ops over (K, N).
+  * Each model's batch is split into slots of S sequences, S the same for every group of a phase
+    (:func:`slot_size`). Each slot gathers its model's weights (``index_select`` along the model
+    dimension) and all M slots run as one set of batched matmuls; a model's loss is the mean of its slots'
+    means (= the mean over its B·T tokens).
   * The loss that is differentiated is the *sum* of the models' losses: each model's gradient is exactly
     its own loss's gradient (no 1/K).
   * Per model: global gradient norm over its own row, ``scale = clamp(clip / (norm + 1e-6), max=1)``,
@@ -24,20 +22,25 @@ How (the layout)
     decoupled weight decay only on the ≥2-D parameters (:func:`scaling.model.decay_mask`). The scalars
     torch's AdamW computes in Python double (``1 - lr*wd``, ``lr / (1 - beta1**t)``,
     ``sqrt(1 - beta2**t)``) are computed the same way on the host, a chunk of steps at a time, and
-    applied per row: on CPU in fp32 the update is torch's own arithmetic, element by element.
+    applied per row: the update is torch's own arithmetic, element by element.
   * Nothing is shared between models: no common norm, no mean over models, no shared optimizer scalar.
     A non-finite model only poisons its own row.
 
 Per step there is no host sync: batch indices and the per-model optimizer scalars are precomputed for
-256 steps into tables on the device that the step reads by a device-side counter (so that, compiled on
-CUDA, the whole step is one CUDA graph replayed every tick), running statistics (the same ``_Stats`` sums
-as train.py, one row per model) are accumulated on the device and copied to the host once per logging
-interval without waiting (handed to the hooks when they have arrived, and always before an evaluation,
-a checkpoint or the end of a run).
+``TABLE_CHUNK`` steps into tables on the device that the step reads by a device-side counter, running
+statistics (the sums of train.py's :class:`~scaling.train.RunStats`, one row per model) are accumulated on
+the device and copied to the host once per logging interval without waiting (handed to the hooks when they
+have arrived, and always before an evaluation, a checkpoint or the end of a run).
 
-Models that stop (finished, diverged, pruned) are frozen at once (lr 0, nothing more recorded) and are
-dropped from the pass — their compute stops — immediately in eager mode; under ``torch.compile`` (a new
-pass shape means a recompile) when at least a quarter of the pass's sequences belong to stopped models.
+Compiled (``compile``), the training pass, the optimizer step and the evaluation are each compiled once
+per process: the slot count M and the model count K are dynamic dimensions, so a pass rebuilt after models
+stopped, or the next group of a sweep (other batch sizes, another K), runs the same compiled code. On CUDA
+the compiled step is recorded as one CUDA graph per pass and replayed every tick, and causal attention runs
+as this project's Triton kernels (:mod:`scaling.attention`) where they apply.
+
+Models that stop (finished, diverged, pruned) are frozen at once (lr 0, nothing more recorded) and the
+pass is rebuilt without them, so their compute stops — except, compiled, when the rebuilt pass would hold
+a single slot (a dimension of size 1 is compiled apart).
 """
 
 from __future__ import annotations
@@ -47,46 +50,44 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from scaling.config import ModelConfig, RunConfig
+from scaling import attention
+from scaling.config import RunConfig
 from scaling.data import SAMPLER_CHUNK, Corpus, batch_starts, validation_batches, windows
-from scaling.model import build_model, decay_mask
-from scaling.train import (LOG_METRICS, Hooks, Pruned, TrainResult, _Stats, _summary, clip_stats, due, final_window,
-                           lr_at, make_optimizer)
+from scaling.model import NanoTransformer, build_model, decay_mask
+from scaling.train import (LOG_METRICS, Hooks, Pruned, RunStats, TrainResult, clip_stats, due, final_window, lr_at,
+                           make_optimizer, summarize)
 
 TABLE_CHUNK = 256  # steps of batch indices / optimizer scalars prepared at a time
 # the optimizer scalars of a model that must not move (stopped, or not in the tables): 1 - lr*wd = 1,
 # -lr / (1 - beta1**t) = 0, and any non-zero sqrt(1 - beta2**t)
 FROZEN_SCHED = (1.0, 0.0, 1.0)
-REBUILD_DEAD_FRACTION = 0.25  # compiled mode: drop stopped models from the pass once they hold this share
-LAYOUTS = ("slots", "groups")
-PRECISIONS = ("auto", "fp32", "bf16")
-RECOMPILE_LIMIT = 64  # dynamo versions kept per compiled function (default 8), see train_group
 WARM_TICKS = 3  # ticks timed (with a sync) after each (re)build of the pass, for compile-time accounting
-SCOPES = ("block", "graph")
-ATTENTION = ("auto", "default", "flash", "efficient", "cudnn", "math", "flex", "fused")
-CUDA_GRAPH = ("auto", "on", "off")
+# dynamo versions kept per compiled function (default 8): a size-1 dimension or another slot size is a
+# version of its own, and past the limit dynamo would run the function eagerly without a word
+RECOMPILE_LIMIT = 64
+# the SDPA backends of the evaluation on CUDA: any but cuDNN, whose forward is the slowest at this shape
+EVAL_SDPA = ("flash", "efficient", "math")
+# inductor options added to a max-autotune mode: no tables of autotuning timings on stderr
+QUIET_AUTOTUNE = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+BLOCK_PARAMS = ("ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.proj.weight", "ln2.weight", "ln2.bias",
+                "mlp.fc.weight", "mlp.proj.weight")
 
 
 # ---------------------------------------------------------------------------------------------------
 # The batched model: the NanoTransformer forward on stacked weights
-
-
-def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:]) * w[:, None, :] + b[:, None, :]
-
-
+#
 # An attention function ``attend(qkv, T, H)`` takes a block's q/k/v projection, (M, S*T, 3C): q, k, v in
 # columns [0, C), [C, 2C), [2C, 3C), head h in columns [h*D, (h+1)*D) of each; it returns the causal
 # attention of every length-T sequence, the H heads side by side, (M, S*T, C).
 
 
 def split_heads(qkv: torch.Tensor, T: int, H: int) -> tuple[torch.Tensor, ...]:
-    """q, k, v of (M, S*T, 3C) as (M*S, H, T, D) views, the layout of SDPA and FlexAttention."""
+    """q, k, v of (M, S*T, 3C) as (M*S, H, T, D) views, the layout of SDPA."""
     C = qkv.shape[-1] // 3
     return tuple(z.reshape(-1, T, H, C // H).transpose(1, 2) for z in qkv.split(C, dim=2))
 
@@ -97,99 +98,30 @@ def merge_heads(att: torch.Tensor, M: int) -> torch.Tensor:
     return att.transpose(1, 2).reshape(M, MS // M * T, H * D)
 
 
-def _sdpa_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
+def sdpa_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """Causal attention through ``F.scaled_dot_product_attention`` (any device and dtype)."""
     return merge_heads(F.scaled_dot_product_attention(*split_heads(qkv, T, H), is_causal=True), qkv.shape[0])
 
 
-def flex_causal(T: int, device: torch.device, options: dict | None = None):
-    """Causal attention through FlexAttention (``attention="flex"``): under ``torch.compile`` a Triton
-    kernel generated for this shape (forward and backward), instead of one of the SDPA backends.
-    ``options``: FlexAttention's ``kernel_options`` (tile sizes, stages, warps of its kernels, e.g.
-    ``bwd_BLOCK_M1``) and ``BLOCK_SIZE``, the block mask's block size (default 128; at context 128 a
-    smaller one lets the kernels skip the blocks above the diagonal); None: inductor's defaults."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    options = dict(options or {})
-    block = options.pop("BLOCK_SIZE", None)
-    mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device,
-                             **({"BLOCK_SIZE": block} if block else {}))
-    kernel_options = options or None
-
-    def attend(qkv: torch.Tensor, T_: int, H: int) -> torch.Tensor:
-        out = flex_attention(*split_heads(qkv, T_, H), block_mask=mask, kernel_options=kernel_options)
-        return merge_heads(out, qkv.shape[0])
-    return attend
+def fused_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """Causal attention through this project's Triton kernels (:mod:`scaling.attention`): they read q/k/v
+    where the projection wrote them and write the heads side by side, forward and backward, with no
+    transposes or concatenations around them. What they do not handle (a CPU tensor, fp32 or float64, a
+    head dim not in ``HEAD_DIMS``, T not a multiple of their block) goes to :func:`sdpa_causal`. Under
+    ``torch.compile`` call ``attention.operator()`` before the first trace (defining the kernels is not
+    traceable)."""
+    if qkv.is_cuda and attention.supports(T, qkv.shape[-1] // 3, H, qkv.dtype):
+        return attention.causal_attention(qkv, T, H)
+    return sdpa_causal(qkv, T, H)
 
 
-def fused_available() -> bool:
-    """Whether ``attention="fused"`` can run its own kernels here (Triton importable)."""
-    from scaling.attention import available
-    return available()
-
-
-def fused_causal(fallback, options: tuple[int, int, int, int] | None = None):
-    """Causal attention through this project's Triton kernels (``attention="fused"``,
-    :mod:`scaling.attention`): they read q/k/v where the projection wrote them and write the heads side by
-    side, forward and backward, with no transposes or concatenations around them. A shape, dtype or
-    device they do not handle (fp32, a head dim not in ``HEAD_DIMS``, T not a multiple of their block) goes
-    to ``fallback``, another attention function. ``options``: the kernels' launch options
-    (:func:`scaling.attention.parse_options`; None: ``scaling.attention.OPTIONS``)."""
-    from scaling import attention as fused
-
-    opts = list(options or fused.OPTIONS)
-    op = fused.operator() if fused.available() else None  # defined here: not traceable under torch.compile
-
-    def attend(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
-        if op is not None and qkv.is_cuda and fused.supports(T, qkv.shape[-1] // 3, H, qkv.dtype, opts[0]):
-            return op(qkv.contiguous(), T, H, opts)[0]
-        return fallback(qkv, T, H)
-    return attend
-
-
-# FlexAttention options measured fastest per (CUDA capability, head dim): benchmarks/bench_flex.py, then the
-# whole step (docs/performance.md, sixth round: sm90, measured on an H100, at head dim 32: 0.98 → 0.74 ms
-# per layer forward and backward, 16.20 → 15.29 ms per step of the phase 2.5 grid). Elsewhere inductor's
-# defaults.
-FLEX_TUNED: dict[tuple[tuple[int, int], int], str] = {((9, 0), 32): "64/-/32.64.64.32.1.4"}
-
-
-def tuned_flex_options(device: torch.device, head_dim: int) -> dict | None:
-    """FlexAttention options of ``FLEX_TUNED`` for this device's GPU and head dim, or None (defaults)."""
-    if device.type != "cuda":
-        return None
-    spec = FLEX_TUNED.get((torch.cuda.get_device_capability(device), head_dim))
-    return flex_spec(spec) if spec else None
-
-
-FLEX_FWD_KEYS = ("fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_stages", "fwd_num_warps")
-FLEX_BWD_KEYS = ("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2", "bwd_num_stages", "bwd_num_warps")
-
-
-def flex_spec(spec: str) -> dict:
-    """FlexAttention options (``train_group(flex_options=)``) from ``BLOCK/FWD/BWD``: the block mask's block
-    size, the forward's ``M.N.STAGES.WARPS`` and the backward's ``M1.N1.M2.N2.STAGES.WARPS``, each part "-"
-    (or empty) for inductor's default; a spec without "/" is the backward's alone. "64/-/32.64.64.32.3.4":
-    blocks of 64, the default forward, backward tiles 32/64/64/32, 3 stages, 4 warps."""
-    parts = spec.split("/") if "/" in spec else ["", "", spec]
-    if len(parts) != 3:
-        raise ValueError(f"flex spec {spec!r}: want BLOCK/FWD/BWD")
-    out: dict = {}
-    for text, keys, want in zip(parts, (("BLOCK_SIZE",), FLEX_FWD_KEYS, FLEX_BWD_KEYS),
-                                ("BLOCK", "M.N.STAGES.WARPS", "M1.N1.M2.N2.STAGES.WARPS")):
-        if text in ("", "-"):
-            continue
-        try:
-            values = [int(x) for x in text.split(".")]
-        except ValueError:
-            values = []
-        if len(values) != len(keys) or min(values) <= 0:
-            raise ValueError(f"flex spec {spec!r}: {text!r} is not {want} (positive integers)")
-        out.update(zip(keys, values))
-    return out
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:]) * w[:, None, :] + b[:, None, :]
 
 
 def _block(h: torch.Tensor, ln1w: torch.Tensor, ln1b: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor,
            ln2w: torch.Tensor, ln2b: torch.Tensor, fc: torch.Tensor, fc_proj: torch.Tensor, S: int,
-           n_heads: int, attend=_sdpa_causal) -> torch.Tensor:
+           n_heads: int, attend: Callable) -> torch.Tensor:
     """One pre-LN transformer block on M slots at once: h is (M, S*T, C), weights are (M, *shape)."""
     T, H = h.shape[1] // S, n_heads
     a = _layer_norm(h, ln1w, ln1b)
@@ -211,103 +143,54 @@ def _embed(x: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tenso
 
 def _head_losses(h: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, wte: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
-    """Final LayerNorm, tied head, fp32 cross-entropy: the mean loss of each slot, (M,)."""
+    """Final LayerNorm, tied head, cross-entropy in at least fp32: the mean loss of each slot, (M,)."""
     M, ST, _ = h.shape
     logits = torch.bmm(_layer_norm(h, lnw, lnb), wte.transpose(1, 2))
-    ce = F.cross_entropy(logits.float().reshape(M * ST, -1), y.reshape(-1), reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as NanoTransformer.loss
+    ce = F.cross_entropy(logits.reshape(M * ST, -1), y.reshape(-1), reduction="none")
     return ce.view(M, ST).mean(1)
 
 
-BLOCK_PARAMS = ("ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.proj.weight", "ln2.weight", "ln2.bias",
-                "mlp.fc.weight", "mlp.proj.weight")
-
-
-@dataclass(frozen=True)
-class Regions:
-    """The functions a forward pass is made of: plain, or each one compiled once (``scope="block"``)."""
-    embed: Any = _embed
-    block: Any = _block
-    head: Any = _head_losses
-
-
-EAGER = Regions()
-
-
-def stacked_slot_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                        mc: ModelConfig, regions: Regions = EAGER, attend=_sdpa_causal) -> torch.Tensor:
+def stacked_slot_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_heads: int,
+                        attend: Callable = sdpa_causal) -> torch.Tensor:
     """Mean cross-entropy of each slot: ``W[name]`` is (M, *shape), x and y are (M, S, T) → (M,).
 
     Slot j runs the NanoTransformer with weights ``W[name][j]`` on its S sequences: the same
-    operations as ``NanoTransformer.loss`` (pre-LN blocks, causal SDPA, 4x GELU MLP, tied head,
-    logits in fp32 for the cross-entropy), as batched matmuls over the slot dimension.
-    ``regions`` are the three functions the pass is made of (embeddings, a block, the head):
-    ``torch.compile`` can compile each once (``scope="block"``: the same compiled block serves every
-    layer) instead of the whole unrolled pass. ``attend(qkv, T, H)`` is the causal attention.
+    operations as ``NanoTransformer.loss`` (pre-LN blocks, causal attention, 4x GELU MLP, tied head,
+    logits in at least fp32 for the cross-entropy), as batched matmuls over the slot dimension. The
+    number of blocks is the number of ``blocks.{i}.*`` weights in ``W``.
     """
-    S, H = x.shape[1], mc.n_heads
-    h = regions.embed(x, W["wte.weight"], W["wpe.weight"])
-    for i in range(mc.n_layers):
-        h = regions.block(h, *[W[f"blocks.{i}.{n}"] for n in BLOCK_PARAMS], S, H, attend)
-    return regions.head(h, W["ln_f.weight"], W["ln_f.bias"], W["wte.weight"], y)
+    S = x.shape[1]
+    n_layers = sum(1 for name in W if name.startswith("blocks.") and name.endswith(".ln1.weight"))
+    h = _embed(x, W["wte.weight"], W["wpe.weight"])
+    for i in range(n_layers):
+        h = _block(h, *[W[f"blocks.{i}.{n}"] for n in BLOCK_PARAMS], S, n_heads, attend)
+    return _head_losses(h, W["ln_f.weight"], W["ln_f.bias"], W["wte.weight"], y)
 
 
-def _make_slots_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[tuple[int, int, int], ...],
-                     S: int, regions: Regions = EAGER, attend=_sdpa_causal):
-    """Loss of the "slots" layout: every live model's batch as B/S slots of S sequences, one batched pass.
-
-    ``segments`` are runs of consecutive rows [a, b) of equal batch size B: the slots' weights are
-    ``p[a:b]`` repeated B/S times (an expand, so the backward is a sum over each model's slots).
-    """
-    def gather(p: torch.Tensor) -> torch.Tensor:
-        pieces = []
-        for a, b, B in segments:
-            n = B // S
-            pieces.append(p[a:b] if n == 1 else p[a:b].unsqueeze(1).expand(b - a, n, *p.shape[1:]).reshape(
-                (b - a) * n, *p.shape[1:]))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-    def loss(params: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        W = {n: gather(p) for n, p in zip(names, params)}
-        slot_loss = stacked_slot_losses(W, x, y, mc, regions, attend)
-        per_model, off = [], 0
-        for a, b, B in segments:
-            n = B // S
-            k = (b - a) * n
-            per_model.append(slot_loss[off:off + k].view(b - a, n).mean(1))  # the mean over its B·T tokens
-            off += k
-        losses = torch.cat(per_model)
-        model_loss = torch.zeros(K, device=losses.device, dtype=losses.dtype).index_copy(0, rows, losses.detach())
-        return losses.sum(), model_loss
-
-    return loss
+def pass_losses(params: dict[str, torch.Tensor], slot_rows: torch.Tensor, slot_weight: torch.Tensor,
+                x: torch.Tensor, y: torch.Tensor, n_heads: int,
+                attend: Callable = sdpa_causal) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training pass: slot j runs model ``slot_rows[j]`` (its weights gathered from ``params[name]``,
+    (K, *shape)) on x[j], y[j] (M, S, T). ``slot_weight[j]`` = 1 / (its model's slot count), so a model's
+    loss is the mean of its slots' means. Returns the sum of the models' losses (what is differentiated)
+    and each model's loss, (K,), detached (0 for a model not in the pass)."""
+    W = {n: p.index_select(0, slot_rows) for n, p in params.items()}
+    weighted = stacked_slot_losses(W, x, y, n_heads, attend) * slot_weight
+    K = next(iter(params.values())).shape[0]
+    model_loss = weighted.new_zeros(K).index_add_(0, slot_rows, weighted.detach())
+    return weighted.sum(), model_loss
 
 
-def _make_groups_loss(names: list[str], mc: ModelConfig, K: int, segments: tuple[tuple[int, int, int], ...],
-                      regions: Regions = EAGER, attend=_sdpa_causal):
-    def loss(params: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        T = x.shape[-1]
-        out, off = [], 0
-        for a, b, B in segments:
-            n = (b - a) * B
-            W = {nm: p[a:b] for nm, p in zip(names, params)}
-            out.append(stacked_slot_losses(W, x[off:off + n].view(b - a, B, T), y[off:off + n].view(b - a, B, T), mc,
-                                           regions, attend))
-            off += n
-        losses = torch.cat(out)
-        model_loss = torch.zeros(K, device=losses.device, dtype=losses.dtype).index_copy(0, rows, losses.detach())
-        return losses.sum(), model_loss
-
-    return loss
-
-
-def _update(P: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grads: list[torch.Tensor], decay: torch.Tensor,
-            clip: torch.Tensor, sched: torch.Tensor, fpos: torch.Tensor, model_loss: torch.Tensor,
-            interval: torch.Tensor, total: torch.Tensor, final: torch.Tensor,
-            beta1: float, beta2: float, eps: float) -> None:
+def update_rows(P: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grads: list[torch.Tensor], decay: torch.Tensor,
+                clip: torch.Tensor, sched: torch.Tensor, fpos: torch.Tensor, model_loss: torch.Tensor,
+                interval: torch.Tensor, total: torch.Tensor, final: torch.Tensor,
+                beta1: float, beta2: float, eps: float) -> None:
     """Per-model clip + AdamW on the (K, N) rows, and the per-model statistics rows (all in place).
 
     ``sched`` is (3, K): ``1 - lr*wd``, ``-lr / (1 - beta1**t)``, ``sqrt(1 - beta2**t)`` per model, computed
-    in double on the host as torch's AdamW does. Row k only ever reads row k.
+    in double on the host as torch's AdamW does; ``fpos`` (K,) the column of ``final`` each model's loss
+    goes to. Row k only ever reads row k.
     """
     K = P.shape[0]
     G = torch.cat([g.reshape(K, -1) for g in grads], 1)
@@ -325,66 +208,21 @@ def _update(P: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grads: list[torch
     final.scatter_(1, fpos[:, None], row[:, :1])
 
 
-# ---------------------------------------------------------------------------------------------------
-# Host-side bookkeeping
-
-
-@dataclass
-class _Member:
-    index: int  # position in cfgs
-    row: int  # row of P
-    cfg: RunConfig
-    hooks: Hooks
-    step: int  # steps done (= the next step to run)
-    window: int
-    window_start: int
-    val_history: list = field(default_factory=list)
-    n_interval: int = 0
-    t_last: float = 0.0
-    tokens_last: int = 0
-    running: bool = True
-    result: TrainResult | None = None
-    _chunks: dict = field(default_factory=dict)
-
-    def starts(self, first: int, n: int, n_tokens: int, context: int) -> torch.Tensor:
-        """Batch window starts of steps [first, first+n): exactly BatchSampler's, shape (n, B)."""
-        out, s = [], first
-        while s < first + n:
-            c = s // SAMPLER_CHUNK
-            if c not in self._chunks:
-                if len(self._chunks) > 2:
-                    self._chunks.pop(min(self._chunks))
-                self._chunks[c] = batch_starts(self.cfg.seed, c, self.cfg.batch_size, n_tokens, context)
-            lo = s - c * SAMPLER_CHUNK
-            hi = min(SAMPLER_CHUNK, lo + first + n - s)
-            out.append(self._chunks[c][lo:hi])
-            s += hi - lo
-        return torch.cat(out)
-
-
-def _check_group(cfgs: list[RunConfig]) -> None:
-    p0 = cfgs[0].phase
-    for c in cfgs[1:]:
-        p = c.phase
-        for what in ("model", "optim", "data"):
-            if getattr(p, what) != getattr(p0, what):
-                raise ValueError(f"train_group: configs differ in phase.{what} ({getattr(p, what)} vs "
-                                 f"{getattr(p0, what)}); a group shares the architecture and the optimizer")
-        if p.train.eval_batches != p0.train.eval_batches:
-            raise ValueError("train_group: configs differ in train.eval_batches (the validation set)")
+def eval_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_heads: int,
+                attend: Callable = sdpa_causal) -> torch.Tensor:
+    """The evaluation's forward: model k on x[k], y[k] (a validation batch), its mean loss, (K,)."""
+    return stacked_slot_losses(W, x, y, n_heads, attend)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Compilation and attention backends
+# Compilation: one compiled version per function, its leading dimensions (slots, models) dynamic
 
-_COMPILED: dict = {}  # (what, mode/options) -> compiled callables, reused by every train_group of the process
-
-
-# inductor options added to a max-autotune mode: no tables of autotuning timings on stderr
-QUIET_AUTOTUNE = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+_COMPILED: dict = {}  # (function name, compile argument) → compiled callable, reused by every group
 
 
-def _compile_kwargs(compile: bool | str | dict) -> dict:
+def compile_kwargs(compile: bool | str | dict) -> dict:
+    """``torch.compile`` keyword arguments of train_group's ``compile`` argument: a mode (True: the
+    default), a max-autotune mode as its inductor options (quietened), or a dict of inductor options."""
     import torch._inductor as inductor
     import torch._inductor.config as inductor_config
     if isinstance(compile, dict):
@@ -403,37 +241,30 @@ def _compile_key(compile) -> tuple:
     return tuple(sorted(compile.items())) if isinstance(compile, dict) else (compile,)
 
 
-def _allow_recompiles() -> None:
-    """Every pass shape is a new dynamo version of the same code: keep more than the default 8."""
-    import torch._dynamo.config as dynamo_config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-            break
-
-
-def compiled_regions(compile: bool | str | dict) -> Regions:
-    """The embedding, block and head functions compiled once per process (``scope="block"``).
-
-    One compiled block serves all layers of every pass (dynamo keys its versions on shapes, not on
-    which weights come in), so the compile costs one block, not the unrolled network.
-    """
-    key = ("regions",) + _compile_key(compile)
+def compiled(fn: Callable, compile: bool | str | dict = True) -> Callable:
+    """``fn`` compiled once per process with ``compile``'s mode, shapes static unless marked dynamic
+    (:func:`call_dynamic`). The optimizer step and the evaluation take the default mode whatever the
+    pass's: autotuning them costs compile time for no measurable gain."""
+    mode = compile if fn is pass_losses else True
+    key = (fn.__name__,) + _compile_key(mode)
     if key not in _COMPILED:
-        kw = _compile_kwargs(compile)
-        _COMPILED[key] = Regions(*(torch.compile(f, dynamic=False, **kw) for f in (_embed, _block, _head_losses)))
+        import torch._dynamo.config as dynamo_config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+                break
+        _COMPILED[key] = torch.compile(fn, dynamic=None, **compile_kwargs(mode))
     return _COMPILED[key]
 
 
-def compiled_update():
-    """The optimizer step, compiled once per process (default mode)."""
-    if ("update",) not in _COMPILED:
-        _COMPILED[("update",)] = torch.compile(_update, dynamic=False)
-    return _COMPILED[("update",)]
-
-
-# the SDPA backends of the evaluation pass on CUDA (eager, or compiled with an SDPA attention): any but cuDNN
-EVAL_SDPA = ("flash", "efficient", "math")
+def call_dynamic(fn: Callable, dims: Sequence[tuple[torch.Tensor, int]], *args):
+    """``fn(*args)`` with each (tensor, dim) of ``dims`` marked dynamic, and sizes that happen to be equal
+    kept apart (no duck sizing: M slots equal to K models now need not be equal in the next pass)."""
+    import torch.fx.experimental._config as fx_config
+    for t, d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
+    with fx_config.patch(use_duck_shape=False):
+        return fn(*args)
 
 
 def sdpa_backends(names: Sequence[str], device: torch.device):
@@ -447,17 +278,612 @@ def sdpa_backends(names: Sequence[str], device: torch.device):
     return sdpa_kernel([enum[n] for n in names])
 
 
-def attention_backend(name: str, device: torch.device):
-    """The training pass's SDPA backend: ``name`` alone ("default", "flex", "fused": no restriction)."""
-    return sdpa_backends(() if name in ("default", "flex", "fused") else (name,), device)
+# ---------------------------------------------------------------------------------------------------
+# State that travels between steps
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each parameter of one model lies in its row of the stacked matrix (``named_parameters``
+    order), which ones decay, and torch AdamW's view of them (:func:`scaling.train.make_optimizer`'s
+    parameter order and groups): a row converts to and from train.py's checkpoint format."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    numels: tuple[int, ...]
+    decays: tuple[bool, ...]
+    opt_order: tuple[int, ...]  # AdamW's parameter j is names[opt_order[j]]
+    opt_groups: tuple[dict, ...]  # AdamW's param_groups as its state_dict gives them
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, template: NanoTransformer, cfg: RunConfig, device: torch.device) -> RowLayout:
+        named = list(template.named_parameters())
+        numels = [p.numel() for _, p in named]
+        mask = decay_mask(template)
+        opt = make_optimizer(template, cfg, device)
+        index_of = {id(p): i for i, (_, p) in enumerate(named)}
+        return cls(names=tuple(n for n, _ in named), shapes=tuple(tuple(p.shape) for _, p in named),
+                   offsets=tuple(sum(numels[:i]) for i in range(len(numels))), numels=tuple(numels),
+                   decays=tuple(mask[n] for n, _ in named),
+                   opt_order=tuple(index_of[id(p)] for g in opt.param_groups for p in g["params"]),
+                   opt_groups=tuple(opt.state_dict()["param_groups"]), dtype=named[0][1].dtype)
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.numels)
+
+    def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-name views of one row (N,) → shape, or of stacked rows (K, N) → (K, *shape)."""
+        lead = rows.shape[:-1]
+        return {n: rows[..., a:a + k].view(*lead, *s)
+                for n, a, k, s in zip(self.names, self.offsets, self.numels, self.shapes)}
+
+    def decay_vector(self, device: torch.device) -> torch.Tensor:
+        return torch.cat([torch.full((k,), d, dtype=torch.bool) for k, d in zip(self.numels, self.decays)]).to(device)
+
+    def load_row(self, row: torch.Tensor, model_state: dict[str, torch.Tensor]) -> None:
+        for n, view in self.views(row).items():
+            view.copy_(model_state[n].detach().reshape(view.shape))
+
+    def load_moments(self, m_row: torch.Tensor, v_row: torch.Tensor, opt_state: dict) -> None:
+        """AdamW's exp_avg / exp_avg_sq (a torch AdamW state dict's "state") into rows of m and v."""
+        m_views, v_views = list(self.views(m_row).values()), list(self.views(v_row).values())
+        for j, i in enumerate(self.opt_order):
+            if j in opt_state:
+                m_views[i].copy_(opt_state[j]["exp_avg"].reshape(m_views[i].shape))
+                v_views[i].copy_(opt_state[j]["exp_avg_sq"].reshape(v_views[i].shape))
+
+    def optimizer_state(self, m_row: torch.Tensor, v_row: torch.Tensor, step: int, lr: float) -> dict:
+        """torch AdamW's state_dict after ``step`` steps at (last) learning rate ``lr``: live views of m, v."""
+        m_views, v_views = list(self.views(m_row).values()), list(self.views(v_row).values())
+        state = {j: {"step": torch.tensor(float(step)), "exp_avg": m_views[i], "exp_avg_sq": v_views[i]}
+                 for j, i in enumerate(self.opt_order)}
+        groups = copy.deepcopy(list(self.opt_groups))
+        for g in groups:
+            g["lr"] = lr
+        return {"state": state, "param_groups": groups}
+
+
+@dataclass
+class Stacked:
+    """The group's training state on the device, one row per model: parameters ``P``, AdamW moments ``m``,
+    ``v`` (K, N); ``params``, per-name leaf views of P (autograd's inputs: one gradient per name); the decay
+    mask (N,) and clip thresholds (K,); the running statistics of train.py's :class:`RunStats` (float64:
+    ``interval`` and ``total`` sums (K, 5), ``final`` the losses of each model's final window, its last
+    column a sink for the steps outside it)."""
+
+    P: torch.Tensor
+    m: torch.Tensor
+    v: torch.Tensor
+    params: dict[str, torch.Tensor]
+    decay: torch.Tensor
+    clip: torch.Tensor
+    interval: torch.Tensor
+    total: torch.Tensor
+    final: torch.Tensor
+
+    @classmethod
+    def zeros(cls, layout: RowLayout, cfgs: Sequence[RunConfig], device: torch.device) -> Stacked:
+        K, N, dt = len(cfgs), layout.n_params, layout.dtype
+        P = torch.zeros(K, N, device=device, dtype=dt)
+        params = {n: p.detach().requires_grad_() for n, p in layout.views(P).items()}
+        window = max(final_window(c.steps) for c in cfgs)
+        stats = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float64)  # noqa: E731
+        clip = torch.tensor([math.inf if c.clip is None else c.clip for c in cfgs], device=device, dtype=dt)
+        return cls(P=P, m=torch.zeros_like(P), v=torch.zeros_like(P), params=params,
+                   decay=layout.decay_vector(device), clip=clip, interval=stats(K, 5), total=stats(K, 5),
+                   final=stats(K, window + 1))
+
+    @property
+    def sink(self) -> int:
+        """The column of ``final`` for a step outside the final window."""
+        return self.final.shape[1] - 1
+
+    def run_stats(self, row: int, window: int, n_interval: int) -> RunStats:
+        """Row ``row``'s sums as train.py's RunStats, live on the device (no copy, no wait)."""
+        stats = RunStats("cpu", window)  # its zeros replaced at once
+        stats.interval, stats.total, stats.n_interval = self.interval[row], self.total[row], n_interval
+        stats.final_losses = self.final[row, :window]
+        return stats
+
+
+@dataclass
+class Member:
+    """One configuration of the group, on the host: its row, hooks, progress and what it has recorded."""
+
+    row: int
+    cfg: RunConfig
+    hooks: Hooks
+    step: int = 0  # steps done (= the next step to run)
+    val_history: list = field(default_factory=list)
+    n_interval: int = 0
+    t_last: float = 0.0
+    tokens_last: int = 0
+    running: bool = True
+    result: TrainResult | None = None
+    _chunks: dict = field(default_factory=dict)
+
+    @property
+    def window(self) -> int:
+        return final_window(self.cfg.steps)
+
+    @property
+    def window_start(self) -> int:
+        return self.cfg.steps - self.window
+
+    def starts(self, first: int, n: int, n_tokens: int, context: int) -> torch.Tensor:
+        """Batch window starts of steps [first, first+n): exactly BatchSampler's, shape (n, B)."""
+        out, s = [], first
+        while s < first + n:
+            c = s // SAMPLER_CHUNK
+            if c not in self._chunks:
+                if len(self._chunks) > 2:
+                    self._chunks.pop(min(self._chunks))
+                self._chunks[c] = batch_starts(self.cfg.seed, c, self.cfg.batch_size, n_tokens, context)
+            lo = s - c * SAMPLER_CHUNK
+            hi = min(SAMPLER_CHUNK, lo + first + n - s)
+            out.append(self._chunks[c][lo:hi])
+            s += hi - lo
+        return torch.cat(out)
+
+    def schedule(self, first: int, n: int, betas: tuple[float, float], weight_decay: float) -> list[tuple]:
+        """AdamW's scalars of steps [first, first+n) in Python double, as torch computes them: ``1 - lr*wd``,
+        ``-lr / (1 - beta1**t)``, ``sqrt(1 - beta2**t)`` (t = the step count after the step)."""
+        rows = []
+        for s in range(first, first + n):
+            lr, t = lr_at(self.cfg, s), s + 1
+            rows.append((1 - lr * weight_decay, -(lr / (1 - betas[0] ** t)), (1 - betas[1] ** t) ** 0.5))
+        return rows
+
+
+@dataclass
+class Pass:
+    """The models one training step runs, in what shape, and the device buffers the step reads: the tables
+    of the next ``TABLE_CHUNK`` steps (batch window starts (CH, n_seqs) in the members' order, optimizer
+    scalars (CH, 3, K), final-window columns (CH, K)) and the counter of the row to read. A CUDA graph
+    records the step with these buffers' addresses: they are refilled in place, never replaced."""
+
+    members: list[Member]
+    S: int  # sequences per slot
+    slot_rows: torch.Tensor  # (M,) the model row of each slot
+    slot_weight: torch.Tensor  # (M,) 1 / its model's slot count
+    starts: torch.Tensor
+    sched: torch.Tensor
+    fpos: torch.Tensor
+    row: torch.Tensor
+    tick: int = TABLE_CHUNK  # ticks since the tables were filled (full: fill them first)
+    graph: Any = None  # the recorded step (CUDA)
+    warm_left: int = WARM_TICKS
+
+    @property
+    def n_seqs(self) -> int:
+        return sum(mb.cfg.batch_size for mb in self.members)
+
+    def columns(self) -> list[tuple[Member, int]]:
+        """(member, its first column in the step's sequences)."""
+        out, c0 = [], 0
+        for mb in self.members:
+            out.append((mb, c0))
+            c0 += mb.cfg.batch_size
+        return out
+
+
+@dataclass
+class FetchedLogs:
+    """Interval sums on their way to the host: ``sums`` (one row per entry) is filled once ``event`` (CUDA;
+    None on CPU: already there) has completed; entries are (member, its step, steps in the interval)."""
+
+    event: Any
+    sums: torch.Tensor
+    entries: list[tuple[Member, int, int]]
+
+
+def slot_size(cfgs: Sequence[RunConfig]) -> int:
+    """Sequences per slot: the gcd of the phase grid's batch sizes and the group's. Every group of a
+    sweep of the phase gets the same S (one compiled pass serves them all), and S divides every batch
+    size of the group."""
+    return math.gcd(*cfgs[0].phase.grid.batch_sizes, *(c.batch_size for c in cfgs))
+
+
+def check_group(cfgs: Sequence[RunConfig]) -> None:
+    """A group shares the architecture, the optimizer, the data and the validation set."""
+    p0 = cfgs[0].phase
+    for c in cfgs[1:]:
+        p = c.phase
+        for what in ("model", "optim", "data"):
+            if getattr(p, what) != getattr(p0, what):
+                raise ValueError(f"train_group: configs differ in phase.{what} ({getattr(p, what)} vs "
+                                 f"{getattr(p0, what)}); a group shares the architecture and the optimizer")
+        if p.train.eval_batches != p0.train.eval_batches:
+            raise ValueError("train_group: configs differ in train.eval_batches (the validation set)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class GroupTrainer:
+    """Trains a group of configurations together (see the module docstring); :func:`train_group` runs it.
+
+    :meth:`build` makes the pass of the running models (any slot size: a measurement pass over the same
+    weights is another :class:`Pass`), :meth:`step` runs one training step of the pass and each model's
+    ``on_step``, :meth:`after_step` does what the models do then (log, evaluate, checkpoint, finish),
+    :meth:`evaluate` computes validation losses, :meth:`deliver_logs` hands the fetched statistics to
+    ``on_log``, :meth:`stop` ends a model's run, and :meth:`run` loops until every model has stopped.
+    """
+
+    def __init__(self, cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
+                 hooks: Sequence[Hooks] | None = None, resume_states: Sequence[dict | None] | None = None,
+                 compile: bool | str | dict = False):
+        self.t_start = time.perf_counter()
+        cfgs = list(cfgs)
+        hooks = list(hooks) if hooks is not None else [Hooks() for _ in cfgs]
+        resume_states = list(resume_states) if resume_states is not None else [None] * len(cfgs)
+        if len(hooks) != len(cfgs) or len(resume_states) != len(cfgs):
+            raise ValueError("train_group: hooks and resume_states must have one entry per config")
+        check_group(cfgs)
+        phase = cfgs[0].phase
+        self.corpus, self.device, self.compile = corpus, device, compile
+        self.cuda = device.type == "cuda"
+        self.n_heads, self.T = phase.model.n_heads, phase.model.context_length
+        self.betas = (float(phase.optim.betas[0]), float(phase.optim.betas[1]))
+        self.weight_decay, self.eps = phase.optim.weight_decay, float(phase.optim.eps)
+        self.S = slot_size(cfgs)
+        self.use_graph = self.cuda and bool(compile)  # the compiled step recorded once per pass, then replayed
+        self.attend = sdpa_causal
+        if self.use_graph and attention.available():
+            attention.operator()  # the kernels are defined here, before the first trace
+            self.attend = fused_causal
+        template = build_model(phase.model, cfgs[0].seed).to(device)
+        self.layout = RowLayout.of(template, cfgs[0], device)
+        self.members = [Member(row=i, cfg=c, hooks=h) for i, (c, h) in enumerate(zip(cfgs, hooks))]
+        self.state = Stacked.zeros(self.layout, cfgs, device)
+        inits = {cfgs[0].seed: template.state_dict()}
+        for mb, st in zip(self.members, resume_states):
+            self._load(mb, st, inits)
+        self.offs = torch.arange(self.T + 1, device=corpus.train.device)
+        self.val_set = validation_batches(corpus.val, phase.train.eval_batches, self.T)
+        self.pending: list[FetchedLogs] = []
+        self.row_index: dict[tuple[int, ...], torch.Tensor] = {}  # the device index of a set of rows
+        self.ps: Pass | None = None
+        self.timings: dict = {"configs": len(cfgs), "ticks": 0, "warm": [], "evals": [], "builds": 0}
+
+    def _load(self, mb: Member, st: dict | None, inits: dict[int, dict]) -> None:
+        """Row ``mb.row`` from a checkpoint state (train.py's format, from either path), or its seed's init."""
+        s = self.state
+        if st is None:
+            if mb.cfg.seed not in inits:
+                inits[mb.cfg.seed] = build_model(mb.cfg.phase.model, mb.cfg.seed).state_dict()
+            self.layout.load_row(s.P[mb.row], inits[mb.cfg.seed])
+        else:
+            if st.get("config_hash") not in (None, mb.cfg.config_hash()):
+                raise ValueError(f"resume state {mb.row} is for another configuration "
+                                 f"({st.get('config_hash')} != {mb.cfg.config_hash()})")
+            self.layout.load_row(s.P[mb.row], st["model"])
+            self.layout.load_moments(s.m[mb.row], s.v[mb.row], st["optimizer"]["state"])
+            mb.step, stats = int(st["step"]), st["stats"]
+            s.interval[mb.row], s.total[mb.row] = stats["interval"].to(self.device), stats["total"].to(self.device)
+            mb.n_interval = int(stats["n_interval"])
+            s.final[mb.row, :len(stats["final_losses"])] = stats["final_losses"].to(self.device)
+            mb.val_history = list(st["val_history"])
+        mb.tokens_last = mb.step
+        if mb.step >= mb.cfg.steps:  # a state taken at the end: nothing left to train
+            self.stop(mb, "FINISHED")
+
+    # --- the pass ------------------------------------------------------------------------------------
+    def autocast(self):
+        """bf16 autocast on CUDA, as train.py (float64 tensors stay float64); no cached casts under a CUDA
+        graph: a cast cached while recording would be stale at the next replay."""
+        if not self.cuda:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.use_graph)
+
+    def build(self, S: int | None = None) -> Pass:
+        """A pass over the running models, in slots of ``S`` sequences (default: the group's slot size)."""
+        S = S or self.S
+        live = [mb for mb in self.members if mb.running]
+        n_slots = [mb.cfg.batch_size // S for mb in live]
+        dev, K, dt = self.device, len(self.members), self.layout.dtype
+        slot_rows = torch.tensor([mb.row for mb, n in zip(live, n_slots) for _ in range(n)], device=dev)
+        slot_weight = torch.tensor([1 / n for n in n_slots for _ in range(n)], device=dev, dtype=dt)
+        n_seqs = sum(mb.cfg.batch_size for mb in live)
+        return Pass(members=live, S=S, slot_rows=slot_rows, slot_weight=slot_weight,
+                    starts=torch.zeros(TABLE_CHUNK, n_seqs, dtype=torch.long, device=self.corpus.train.device),
+                    sched=torch.ones(TABLE_CHUNK, 3, K, device=dev, dtype=dt),
+                    fpos=torch.full((TABLE_CHUNK, K), self.state.sink, dtype=torch.long, device=dev),
+                    row=torch.zeros(1, dtype=torch.long, device=dev))
+
+    def fill_tables(self, ps: Pass) -> None:
+        """The pass's tables for its next TABLE_CHUNK steps (in place), the row counter back to 0."""
+        CH, K, T = TABLE_CHUNK, len(self.members), self.T
+        starts = torch.zeros(CH, ps.n_seqs, dtype=torch.long)
+        sched = torch.empty(CH, 3, K, dtype=torch.float64)
+        sched[:] = torch.tensor(FROZEN_SCHED, dtype=torch.float64)[:, None]
+        fpos = torch.full((CH, K), self.state.sink, dtype=torch.long)
+        for mb, c0 in ps.columns():
+            starts[:, c0:c0 + mb.cfg.batch_size] = mb.starts(mb.step, CH, len(self.corpus.train), T)
+        for mb in self.members:
+            if not mb.running:
+                continue
+            sched[:, :, mb.row] = torch.tensor(mb.schedule(mb.step, CH, self.betas, self.weight_decay),
+                                               dtype=torch.float64)
+            for r in range(CH):
+                if mb.window_start <= mb.step + r < mb.cfg.steps:
+                    fpos[r, mb.row] = mb.step + r - mb.window_start
+        tables = (starts, sched.to(self.layout.dtype), fpos)
+        if self.cuda:
+            tables = tuple(t.pin_memory() for t in tables)
+        for dst, src in zip((ps.starts, ps.sched, ps.fpos), tables):
+            dst.copy_(src, non_blocking=True)
+        ps.row.zero_()
+        ps.tick = 0
+
+    def freeze(self, mb: Member, ps: Pass) -> None:
+        """A stopped model in the pass's current tables: no more updates (lr 0), no more statistics."""
+        for i, value in enumerate(FROZEN_SCHED):
+            ps.sched[:, i, mb.row] = value
+        ps.fpos[:, mb.row] = self.state.sink
+
+    def pass_grads(self, ps: Pass, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The gradient of every model's loss on its sequences of x, y (n_seqs, T, in the pass's column
+        order), per parameter name (K, *shape), and each model's loss (K,)."""
+        params = self.state.params
+        xs, ys = x.view(-1, ps.S, self.T), y.view(-1, ps.S, self.T)
+        args = (params, ps.slot_rows, ps.slot_weight, xs, ys, self.n_heads, self.attend)
+        with self.autocast():
+            if self.compile:
+                dims = [(p, 0) for p in params.values()] + [(t, 0) for t in (ps.slot_rows, ps.slot_weight, xs, ys)]
+                loss, model_loss = call_dynamic(compiled(pass_losses, self.compile), dims, *args)
+            else:
+                loss, model_loss = pass_losses(*args)
+        return torch.autograd.grad(loss, list(params.values())), model_loss
+
+    def run_step(self, ps: Pass) -> None:
+        """One training step of the pass, all on the device, reading only the pass's buffers (its tables,
+        at the row ``ps.row`` says, then advanced): the work a CUDA graph records and replays."""
+        s, r = self.state, ps.row
+        x, y = windows(self.corpus.train, ps.starts.index_select(0, r)[0], self.offs)
+        grads, model_loss = self.pass_grads(ps, x, y)
+        sched, fpos = ps.sched.index_select(0, r)[0], ps.fpos.index_select(0, r)[0]
+        args = (s.P, s.m, s.v, list(grads), s.decay, s.clip, sched, fpos, model_loss, s.interval, s.total, s.final,
+                *self.betas, self.eps)
+        with torch.no_grad():
+            if self.compile:
+                per_model = (s.P, s.m, s.v, *grads, s.clip, fpos, model_loss, s.interval, s.total, s.final)
+                dims = [(t, 0) for t in per_model] + [(sched, 1), (s.final, 1)]
+                call_dynamic(compiled(update_rows), dims, *args)
+            else:
+                update_rows(*args)
+            r.add_(1)
+
+    def _launch(self, ps: Pass) -> None:
+        """Run the step: replayed once recorded; on CUDA graphs, the last warm tick runs on the side stream
+        the graph is then recorded on (recording runs nothing: the graph's first replay is the next tick)."""
+        if ps.graph is not None:
+            ps.graph.replay()
+        elif self.use_graph and ps.warm_left == 1:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.run_step(ps)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            ps.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(ps.graph, stream=side, capture_error_mode="thread_local"):
+                self.run_step(ps)
+        else:
+            self.run_step(ps)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def step(self) -> list[Member]:
+        """One training step of the pass (built first if there is none) and each model's ``on_step``;
+        returns the models a hook stopped."""
+        if self.ps is None:
+            self.ps = self.build()
+            self.timings["builds"] += 1
+        ps = self.ps
+        if ps.tick >= TABLE_CHUNK:
+            self.fill_tables(ps)
+        t0 = time.perf_counter() if ps.warm_left else None
+        self._launch(ps)
+        ps.tick += 1
+        self.timings["ticks"] += 1
+        stopped: list[Member] = []
+        for mb in ps.members:
+            if not mb.running:
+                continue
+            mb.step += 1
+            mb.n_interval += 1
+            try:
+                mb.hooks.on_step(mb.step)
+            except Pruned:  # the sums its earlier steps logged reach its hooks first, as in train.py
+                stopped += self.deliver_logs(wait=True)
+                if mb.running:
+                    stopped.append(self.stop(mb, "PRUNED"))
+        if t0 is not None:
+            self.sync()
+            self.timings["warm"].append(time.perf_counter() - t0)
+            ps.warm_left -= 1
+        return stopped
+
+    def after_step(self) -> list[Member]:
+        """What the models of the pass do after a step, in train.py's order: their interval sums are
+        fetched without waiting for the GPU and handed to on_log once they have arrived — at the latest
+        before an evaluation, a checkpoint or the end of a run (on_step, a progress count, may run a few
+        steps ahead of on_log) —, then evaluations (one batched pass), checkpoints, ends. Returns the
+        models that stopped."""
+        live = [mb for mb in self.ps.members if mb.running]
+        logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
+        if logging:
+            self.fetch_logs(logging)
+        evals_now = [due(mb.step, mb.cfg.phase.train.eval_interval, mb.cfg.steps) for mb in live]
+        ckpts_now = [due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps) for mb in live]
+        sync_point = not self.cuda or any(e or c or mb.step >= mb.cfg.steps
+                                          for mb, e, c in zip(live, evals_now, ckpts_now))
+        stopped = self.deliver_logs(wait=sync_point)  # a model it stops is no longer running
+        stopped += self._evaluations([mb for mb, e in zip(live, evals_now) if e and mb.running])
+        for mb, c in zip(live, ckpts_now):
+            if c and mb.running:
+                try:
+                    mb.hooks.on_checkpoint(mb.step, self.state_of(mb))
+                except Pruned:
+                    stopped.append(self.stop(mb, "PRUNED"))
+        return stopped + [self.stop(mb, "FINISHED") for mb in live if mb.running and mb.step >= mb.cfg.steps]
+
+    def _evaluations(self, evaluating: list[Member]) -> list[Member]:
+        if not evaluating:
+            return []
+        t0 = time.perf_counter()
+        vals = self.evaluate(evaluating)
+        self.timings["evals"].append(time.perf_counter() - t0)
+        stopped = []
+        for mb, val in zip(evaluating, vals):
+            mb.val_history.append((mb.step, val))
+            try:
+                mb.hooks.on_eval(mb.step, val)
+            except Pruned:
+                stopped.append(self.stop(mb, "PRUNED"))
+                continue
+            if not math.isfinite(val):
+                stopped.append(self.stop(mb, "DIVERGED"))
+        return stopped
+
+    @torch.no_grad()
+    def evaluate(self, members: Sequence[Member]) -> list[float]:
+        """The mean validation loss of each of these models. Compiled: one forward of all K models, whichever
+        evaluate (one shape, one compile); eager: of these models only."""
+        rows = [mb.row for mb in members]
+        W = {n: p.detach() for n, p in self.state.params.items()}
+        if not self.compile:
+            idx = torch.tensor(rows, device=self.device)
+            W = {n: p.index_select(0, idx) for n, p in W.items()}
+        M = len(next(iter(W.values())))
+        total = torch.zeros(M, device=self.device, dtype=self.layout.dtype)
+        for x, y in self.val_set:
+            args = (W, x.expand(M, *x.shape), y.expand(M, *y.shape), self.n_heads, self.attend)
+            with self.autocast(), sdpa_backends(EVAL_SDPA, self.device):
+                if self.compile:
+                    dims = [(w, 0) for w in W.values()] + [(t, 0) for t in args[1:3]]
+                    total += call_dynamic(compiled(eval_losses), dims, *args)
+                else:
+                    total += eval_losses(*args)
+        vals = (total / len(self.val_set)).tolist()
+        return [vals[r] for r in rows] if self.compile else vals
+
+    def state_of(self, mb: Member) -> dict[str, Any]:
+        """The model's checkpoint state in train.py's format. Its tensors are live views of the group's
+        buffers (as train.py's state_dict() tensors are live): a hook copies what it keeps, with no wait
+        for the GPU here."""
+        s, r = self.state, mb.row
+        return {"model": self.layout.views(s.P[r]),
+                "optimizer": self.layout.optimizer_state(s.m[r], s.v[r], mb.step, lr_at(mb.cfg, mb.step - 1)),
+                "step": mb.step, "stats": s.run_stats(r, mb.window, mb.n_interval).state(),
+                "val_history": list(mb.val_history), "config_hash": mb.cfg.config_hash(),
+                "rng_cpu": torch.random.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if self.cuda else None}
+
+    # --- logging without a sync ----------------------------------------------------------------------
+    def fetch_logs(self, logging: list[Member]) -> None:
+        """Queue the copy of these models' interval sums to the host and restart their intervals (both on
+        the device, in stream order): no wait for the GPU here."""
+        key = tuple(mb.row for mb in logging)
+        if key not in self.row_index:
+            self.row_index[key] = torch.tensor(key, device=self.device)
+        idx, interval = self.row_index[key], self.state.interval
+        host = torch.empty(len(key), interval.shape[1], dtype=interval.dtype, pin_memory=self.cuda)
+        host.copy_(interval.index_select(0, idx), non_blocking=self.cuda)
+        interval.index_fill_(0, idx, 0.0)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append(FetchedLogs(event, host, [(mb, mb.step, mb.n_interval) for mb in logging]))
+        for mb in logging:
+            mb.n_interval = 0
+
+    def deliver_logs(self, wait: bool) -> list[Member]:
+        """Hand the fetched sums that have arrived (all of them with ``wait``) to on_log, oldest first;
+        stop the models whose means are not finite (DIVERGED, at the step they were logged) or whose hook
+        prunes them. Returns the stopped models."""
+        out: list[Member] = []
+        while self.pending and (wait or self.pending[0].event is None or self.pending[0].event.query()):
+            got = self.pending.pop(0)
+            if got.event is not None:
+                got.event.synchronize()
+            now = time.perf_counter()
+            for (mb, step, n), sums in zip(got.entries, got.sums):
+                if not mb.running:
+                    continue
+                means = (sums / n).tolist()
+                if not all(math.isfinite(x) for x in means[:2]):
+                    mb.step = step
+                    out.append(self.stop(mb, "DIVERGED"))
+                    continue
+                metrics = dict(zip(LOG_METRICS, means))
+                metrics["lr"] = lr_at(mb.cfg, step - 1)
+                metrics["tokens_per_s"] = (step - mb.tokens_last) * mb.cfg.tokens_per_step / max(now - mb.t_last, 1e-9)
+                mb.t_last, mb.tokens_last = now, step
+                try:
+                    mb.hooks.on_log(step, metrics)
+                except Pruned:
+                    mb.step = step
+                    out.append(self.stop(mb, "PRUNED"))
+        return out
+
+    # --- stopping ------------------------------------------------------------------------------------
+    def stop(self, mb: Member, status: str) -> Member:
+        """End the model's run with ``status``: its TrainResult through train.py's own summary."""
+        mb.running = False
+        steps_done = mb.cfg.steps if status == "FINISHED" else mb.step
+        stats = self.state.run_stats(mb.row, mb.window, mb.n_interval)
+        stats.interval, stats.total = stats.interval.cpu(), stats.total.cpu()
+        stats.final_losses = stats.final_losses.cpu()
+        n_params = self.layout.n_params
+        mb.result = TrainResult(status=status, steps_done=steps_done, n_params=n_params,
+                                summary=summarize(mb.cfg, stats, mb.val_history, steps_done, status, n_params,
+                                                  self.corpus),
+                                val_history=list(mb.val_history))
+        return mb
+
+    def retire(self, stopped: list[Member]) -> None:
+        """Freeze the stopped models in the pass and rebuild it without them, unless (compiled) it would
+        be a single slot: a size-1 dimension is a compile of its own, their frozen compute is cheaper."""
+        for mb in stopped:
+            self.freeze(mb, self.ps)
+        slots = sum(mb.cfg.batch_size for mb in self.members if mb.running) // self.ps.S
+        if any(mb.running for mb in self.members) and (not self.compile or slots >= 2):
+            self.ps = None
+
+    def run(self) -> list[TrainResult]:
+        """Train until every model has stopped; one result per config, in the group's order."""
+        self.timings["setup_s"] = time.perf_counter() - self.t_start
+        for mb in self.members:
+            mb.t_last = time.perf_counter()
+        try:
+            while any(mb.running for mb in self.members):
+                stopped = self.step()
+                stopped += self.after_step()
+                if stopped:
+                    self.retire(stopped)
+        except BaseException:  # Ctrl-C, SIGTERM, an error: the sums already fetched still reach their hooks
+            try:
+                self.deliver_logs(wait=True)
+            except Exception:
+                pass
+            raise
+        self.sync()
+        self.timings["wall_s"] = time.perf_counter() - self.t_start
+        self.timings["eval_s"] = sum(self.timings["evals"])
+        return [mb.result for mb in self.members]
 
 
 def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
                 hooks: Sequence[Hooks] | None = None, resume_states: Sequence[dict | None] | None = None,
-                compile: bool | str | dict = False, *, layout: str = "slots", precision: str = "auto",
-                scope: str = "graph", attention: str = "auto", cuda_graph: str = "auto",
-                flex_options: dict | None = None, fused_options: tuple[int, int, int, int] | None = None,
-                timings: dict | None = None) -> list[TrainResult]:
+                compile: bool | str | dict = False, *, timings: dict | None = None) -> list[TrainResult]:
     """Train every config of ``cfgs`` together on ``corpus`` (already on ``device``); one result per config.
 
     Per config i, exactly as ``train(cfgs[i], corpus, device, hooks[i], resume_states[i])``: the same
@@ -468,464 +894,28 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     state has train.py's format (model state_dict, torch AdamW state_dict, step, stats, val_history,
     config_hash, rng states): a config can be resumed here or by ``train``, from a state made by either.
     ``tokens_per_s`` in ``on_log`` is that config's tokens per second of the group's wall time.
+    Precision as train.py's: the parameters' dtype (the default dtype), bf16 autocast on CUDA.
 
-    compile: False, True (``torch.compile`` default mode), a mode name ("max-autotune-no-cudagraphs", ...)
-    or a dict of inductor options, for the forward/backward; the optimizer step is compiled in the default
-    mode. scope: "graph" compiles each pass whole; "block" compiles the embeddings, one transformer block
-    (reused for every layer) and the head, once per process — a third of the compile time, but the eager
-    glue between the regions makes the step CPU-bound (docs/performance.md).
-    attention: "fused" (this project's Triton kernels, :mod:`scaling.attention`: q/k/v read and the
-    gradients written where the projection keeps them; shapes and dtypes they do not handle, such as fp32,
-    go to FlexAttention when compiling, else to SDPA), "flex" (FlexAttention: under ``torch.compile`` a
-    Triton kernel generated for the shape; it has no backward on CPU), an SDPA backend ("default": torch's
-    choice — cuDNN on an H100 in bf16 —, "flash", "efficient", "cudnn", "math"), or "auto" (default):
-    fused when compiling on CUDA with Triton importable — measured the fastest there (docs/performance.md)
-    —, else "default".
-    Evaluations use the SDPA backends other than cuDNN whatever ``attention`` says (the eager evaluation
-    of 20 models took 560–611 ms with cuDNN, 212–266 ms without on an H100, docs/performance.md), or,
-    with ``scope="graph"``, the pass's own attention (fused or FlexAttention) in the evaluation's forward,
-    compiled too (default mode).
-    cuda_graph: "on" records the whole training step (batch gather, forward, backward, clip, AdamW,
-    statistics) as one CUDA graph after the first ticks of each pass and replays it every step: no
-    kernel launches from Python, and the threads that log and checkpoint beside it slow the steps down
-    less (measured, docs/performance.md); "auto" (default) = on when compiling on CUDA; "off".
-    flex_options: FlexAttention's options when attention is flex (:func:`flex_causal`, :func:`flex_spec`: the
-    block mask's block size, its kernels' tiles, stages, warps); None: those measured fastest on this GPU
-    at this head dim (``FLEX_TUNED``) if any, else inductor's defaults; ``{}``: inductor's defaults.
-    fused_options: the fused kernels' launch options when attention is fused (block, forward's warps,
-    backward's warps, stages: :func:`scaling.attention.parse_options`); None: ``scaling.attention.OPTIONS``.
-    layout: "slots" or "groups" (see the module docstring). precision: "auto" (bf16 autocast on CUDA,
-    fp32 elsewhere, as train.py), "fp32" or "bf16". timings: if a dict is given it is filled with
-    ``wall_s``, ``setup_s`` (before the first step), ``ticks`` (steps of the group), ``warm`` (seconds of
-    the first ticks after each build of the pass, synchronised: compile time lands there), ``eval_s``,
-    ``evals`` (seconds of each evaluation; a compiled one's first holds its compile), ``builds`` (how
-    many times the pass was built), ``configs`` (K); :func:`timing_metrics` sums them up.
+    compile: False, True (``torch.compile``'s default mode), a mode name ("max-autotune-no-cudagraphs",
+    ...) or a dict of inductor options (``config.COMPILE_MODES`` gives the ones ``--compile-mode`` names),
+    for the training pass; the optimizer step and the evaluation are compiled in the default mode. On CUDA
+    a compiled step is recorded as a CUDA graph after the first ticks of each pass and replayed every step,
+    and causal attention runs as this project's Triton kernels where they apply (else SDPA, as always
+    uncompiled). Evaluations use the SDPA backends other than cuDNN (``EVAL_SDPA``).
+    timings: if a dict is given it is filled with ``wall_s``, ``setup_s`` (before the first step),
+    ``ticks`` (steps of the group), ``warm`` (seconds of the first ticks after each build of the pass,
+    synchronised: compile time lands there), ``eval_s``, ``evals`` (seconds of each evaluation; a compiled
+    one's first holds its compile), ``builds`` (how many times the pass was built), ``configs`` (K);
+    :func:`timing_metrics` sums them up.
     """
     cfgs = list(cfgs)
-    K = len(cfgs)
-    if K == 0:
+    if not cfgs:
         return []
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-    if cuda_graph not in CUDA_GRAPH:
-        raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH}, got {cuda_graph!r}")
-    if cuda_graph == "on" and device.type != "cuda":
-        raise ValueError("cuda_graph='on' needs a CUDA device")
-    hooks = list(hooks) if hooks is not None else [Hooks() for _ in cfgs]
-    resume_states = list(resume_states) if resume_states is not None else [None] * K
-    if len(hooks) != K or len(resume_states) != K:
-        raise ValueError("train_group: hooks and resume_states must have one entry per config")
-    _check_group(cfgs)
-    t_start = time.perf_counter()
-    phase = cfgs[0].phase
-    mc, o = phase.model, phase.optim
-    T = mc.context_length
-    beta1, beta2 = (float(b) for b in o.betas)
-    cuda = device.type == "cuda"
-    use_graph = cuda_graph == "on" or (cuda_graph == "auto" and cuda and bool(compile))
-    if attention == "auto":
-        attention = (("fused" if fused_available() else "flex") if cuda and compile else "default")
-    if flex_options and attention != "flex":
-        raise ValueError(f"flex_options are FlexAttention's, but the attention is {attention!r}")
-    if fused_options and attention != "fused":
-        raise ValueError(f"fused_options are the fused kernels', but the attention is {attention!r}")
-    if attention == "flex" and flex_options is None:
-        flex_options = tuned_flex_options(device, mc.d_model // mc.n_heads)
-    use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    # no autocast weight cache under a CUDA graph: a cached cast made while recording would be stale
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not use_graph))
-                if use_bf16 else nullcontext)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    # --- the layout of one model's parameters as a row of P ---------------------------------------------
-    template = build_model(mc, cfgs[0].seed).to(device)
-    named = list(template.named_parameters())
-    names = [n for n, _ in named]
-    shapes = [tuple(p.shape) for _, p in named]
-    numels = [p.numel() for _, p in named]
-    offsets = [sum(numels[:i]) for i in range(len(numels))]
-    N = sum(numels)
-    mask = decay_mask(template)
-    decay = torch.cat([torch.full((n,), mask[nm], dtype=torch.bool) for nm, n in zip(names, numels)]).to(device)
-    # torch AdamW's parameter indices j, in make_optimizer's own order: the slice of a row each one is
-    opt = make_optimizer(template, cfgs[0], device)
-    opt_groups = opt.state_dict()["param_groups"]
-    index_of = {id(p): i for i, (_, p) in enumerate(named)}
-    opt_slices = [(offsets[i], numels[i], shapes[i])
-                  for i in (index_of[id(p)] for g in opt.param_groups for p in g["params"])]
-    inits: dict[int, dict] = {cfgs[0].seed: template.state_dict()}  # initial weights per seed
-    del template, opt, named
-
-    # rows sorted by batch size (stable): the "groups" layout needs equal-B models adjacent
-    order = sorted(range(K), key=lambda i: cfgs[i].batch_size)
-    members: list[_Member] = []
-    for row, i in enumerate(order):
-        c = cfgs[i]
-        window = final_window(c.steps)
-        members.append(_Member(index=i, row=row, cfg=c, hooks=hooks[i], step=0, window=window,
-                               window_start=c.steps - window))
-    Wmax = max(mb.window for mb in members)
-
-    P = torch.empty(K, N, device=device)
-    m = torch.zeros(K, N, device=device)
-    v = torch.zeros(K, N, device=device)
-    interval = torch.zeros(K, 5, device=device, dtype=torch.float64)
-    total = torch.zeros(K, 5, device=device, dtype=torch.float64)
-    final = torch.zeros(K, Wmax + 1, device=device, dtype=torch.float64)  # column Wmax: "not in the window"
-    for mb in members:
-        st = resume_states[mb.index]
-        if st is None:
-            if mb.cfg.seed not in inits:
-                inits[mb.cfg.seed] = build_model(mc, mb.cfg.seed).state_dict()
-            sd, ost = inits[mb.cfg.seed], {}
-        else:
-            if st.get("config_hash") not in (None, mb.cfg.config_hash()):
-                raise ValueError(f"resume state {mb.index} is for another configuration "
-                                 f"({st.get('config_hash')} != {mb.cfg.config_hash()})")
-            sd, ost = st["model"], st["optimizer"]["state"]
-            mb.step = int(st["step"])
-            s = st["stats"]
-            interval[mb.row] = s["interval"].to(device)
-            total[mb.row] = s["total"].to(device)
-            mb.n_interval = int(s["n_interval"])
-            fl = s["final_losses"]
-            final[mb.row, :len(fl)] = fl.to(device)
-            mb.val_history = list(st["val_history"])
-        for nm, a, n in zip(names, offsets, numels):
-            P[mb.row, a:a + n] = sd[nm].detach().reshape(-1).to(device, torch.float32)
-        for j, (a, n, _) in enumerate(opt_slices):
-            if j in ost:
-                m[mb.row, a:a + n] = ost[j]["exp_avg"].reshape(-1).to(device)
-                v[mb.row, a:a + n] = ost[j]["exp_avg_sq"].reshape(-1).to(device)
-        mb.tokens_last = mb.step
-        mb.running = mb.step < mb.cfg.steps
-        if not mb.running:  # a state taken at the end: nothing left to train
-            mb.result = _result(mb, interval, total, final, "FINISHED", N, corpus)
-    clip = torch.tensor([math.inf if members[r].cfg.clip is None else members[r].cfg.clip for r in range(K)],
-                        device=device, dtype=torch.float32)
-    # views of P's rows, one leaf per parameter name: autograd gives one gradient per name
-    params = [P[:, a:a + n].view(K, *s).detach().requires_grad_() for a, n, s in zip(offsets, numels, shapes)]
-
-    tokens = corpus.train
-    offs = torch.arange(T + 1, device=tokens.device)
-    val_set = validation_batches(corpus.val, phase.train.eval_batches, T)
-    if compile:
-        _allow_recompiles()
-    update = compiled_update() if compile else _update
-    regions = compiled_regions(compile) if compile and scope == "block" else EAGER
-    whole = bool(compile) and scope == "graph"
-    attend = flex_causal(T, device, flex_options) if attention == "flex" else _sdpa_causal
-    if attention == "fused":
-        attend = fused_causal(flex_causal(T, device, tuned_flex_options(device, mc.d_model // mc.n_heads))
-                              if compile else _sdpa_causal, fused_options)
-
-    # --- the pass: which models run, in what shape -----------------------------------------------------
-    class Pass:
-        pass
-
-    def build_pass() -> Pass:
-        ps = Pass()
-        live = [mb for mb in members if mb.running]
-        ps.members = live
-        ps.n_seqs = sum(mb.cfg.batch_size for mb in live)
-        ps.cols = []  # (member, first column in the step's sequence list)
-        c0 = 0
-        for mb in live:
-            ps.cols.append((mb, c0))
-            c0 += mb.cfg.batch_size
-        segs, rows = [], []
-        for mb in live:
-            if segs and segs[-1][1] == mb.row and segs[-1][2] == mb.cfg.batch_size:
-                segs[-1][1] += 1
-            else:
-                segs.append([mb.row, mb.row + 1, mb.cfg.batch_size])
-            rows.append(mb.row)
-        ps.segments = tuple(tuple(sg) for sg in segs)
-        ps.rows = torch.tensor(rows, device=device)
-        if layout == "slots":
-            ps.S = math.gcd(*[mb.cfg.batch_size for mb in live])
-            fn = _make_slots_loss(names, mc, K, ps.segments, ps.S, regions, attend)
-        else:
-            fn = _make_groups_loss(names, mc, K, ps.segments, regions, attend)
-        ps.loss = torch.compile(fn, dynamic=False, **_compile_kwargs(compile)) if whole else fn
-        # the tables of the next TABLE_CHUNK steps (refilled in place: a recorded graph reads these
-        # addresses) and the device-side row counter the step reads them by and advances
-        ps.starts = torch.zeros(TABLE_CHUNK, ps.n_seqs, dtype=torch.long, device=tokens.device)
-        ps.sched = torch.ones(TABLE_CHUNK, 3, K, device=device)
-        ps.fpos = torch.full((TABLE_CHUNK, K), Wmax, dtype=torch.long, device=device)
-        ps.row = torch.zeros(1, dtype=torch.long, device=device)
-        ps.tick = TABLE_CHUNK  # tables not filled yet
-        ps.graph = None
-        ps.warm_left = WARM_TICKS
-        return ps
-
-    def run_step(ps: Pass) -> None:
-        """One training step of the pass, all on the device, reading only the pass's static buffers (its
-        tables, at the row ``ps.row`` says, then advanced): the work a CUDA graph records and replays."""
-        r = ps.row
-        x, y = windows(tokens, ps.starts.index_select(0, r)[0], offs)
-        with autocast(), attention_backend(attention, device):
-            if layout == "slots":
-                loss, model_loss = ps.loss(params, ps.rows, x.view(-1, ps.S, T), y.view(-1, ps.S, T))
-            else:
-                loss, model_loss = ps.loss(params, ps.rows, x, y)
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            update(P, m, v, list(grads), decay, clip, ps.sched.index_select(0, r)[0], ps.fpos.index_select(0, r)[0],
-                   model_loss, interval, total, final, beta1, beta2, float(o.eps))
-            r.add_(1)
-
-    def capture(ps: Pass) -> None:
-        """Record run_step as a CUDA graph (nothing runs while recording). The step before it ran on the
-        same side stream, so every lazily created handle, plan and kernel exists already."""
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=ps.side, capture_error_mode="thread_local"):
-            run_step(ps)
-        ps.graph = g
-
-    def build_tables(ps: Pass) -> None:
-        """Fill the pass's tables for the next CH steps: batch starts (CH, n_seqs), optimizer scalars
-        (CH, 3, K), final-window slots (CH, K); the step's row counter back to 0."""
-        CH = TABLE_CHUNK
-        starts = torch.zeros(CH, ps.n_seqs, dtype=torch.long)
-        sched = torch.empty(CH, 3, K, dtype=torch.float32)
-        sched[:, 0], sched[:, 1], sched[:, 2] = FROZEN_SCHED
-        fpos = torch.full((CH, K), Wmax, dtype=torch.long)
-        for mb, c0 in ps.cols:
-            starts[:, c0:c0 + mb.cfg.batch_size] = mb.starts(mb.step, CH, len(tokens), T)
-        for mb in members:
-            if not mb.running:
-                continue
-            wd = o.weight_decay
-            rows = []
-            for r in range(CH):
-                s = mb.step + r
-                lr = lr_at(mb.cfg, s)
-                t = s + 1  # AdamW's step count after this step
-                rows.append((1 - lr * wd, -(lr / (1 - beta1 ** t)), (1 - beta2 ** t) ** 0.5))
-                if mb.window_start <= s < mb.cfg.steps:
-                    fpos[r, mb.row] = s - mb.window_start
-            sched[:, :, mb.row] = torch.tensor(rows, dtype=torch.float64).to(torch.float32)
-        if cuda:
-            starts, sched, fpos = starts.pin_memory(), sched.pin_memory(), fpos.pin_memory()
-        ps.starts.copy_(starts, non_blocking=True)
-        ps.sched.copy_(sched, non_blocking=True)
-        ps.fpos.copy_(fpos, non_blocking=True)
-        ps.row.zero_()
-        ps.tick = 0
-
-    def freeze(mb: _Member, ps: Pass) -> None:
-        """A stopped model: no more updates (lr 0), no more statistics (in the current tables)."""
-        ps.sched[:, 0, mb.row], ps.sched[:, 1, mb.row], ps.sched[:, 2, mb.row] = FROZEN_SCHED
-        ps.fpos[:, mb.row] = Wmax
-
-    # --- evaluation ----------------------------------------------------------------------------------
-    def eval_losses(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return stacked_slot_losses(W, x, y, mc, attend=attend if whole else _sdpa_causal)
-
-    # with the whole pass compiled (scope "graph") the evaluation's forward is compiled too, in the default
-    # mode (autotuning it cost a minute of compile for ~0.1 s per sweep), for all K models at once
-    # whichever of them evaluate (one shape, one compile; eager it took 0.21-0.27 s per evaluation of 20
-    # models on an H100, compiled ~0.1 s, docs/performance.md)
-    eval_fn = torch.compile(eval_losses, dynamic=False) if whole else eval_losses
-
-    @torch.no_grad()
-    def evaluate_rows(rows: list[int]) -> list[float]:
-        if whole:
-            W = {n: p.detach() for n, p in zip(names, params)}
-        else:
-            idx = torch.tensor(rows, device=device)
-            W = {n: p.detach().index_select(0, idx) for n, p in zip(names, params)}
-        M = len(next(iter(W.values())))
-        tot = torch.zeros(M, device=device)
-        for x, y in val_set:
-            xe, ye = x.expand(M, *x.shape), y.expand(M, *y.shape)
-            with autocast(), sdpa_backends(EVAL_SDPA, device):
-                tot += eval_fn(W, xe, ye)
-        vals = (tot / len(val_set)).tolist()
-        return [vals[r] for r in rows] if whole else vals
-
-    def state_of(mb: _Member) -> dict[str, Any]:
-        """Model k's checkpoint state in train.py's format. Its tensors are live views of the group's
-        buffers (as train.py's state_dict() tensors are live): a hook copies what it keeps, with no
-        wait for the GPU here."""
-        r, done = mb.row, mb.step
-        model = {nm: P[r, a:a + n].view(s) for nm, a, n, s in zip(names, offsets, numels, shapes)}
-        ost = {j: {"step": torch.tensor(float(done)), "exp_avg": m[r, a:a + n].view(s),
-                   "exp_avg_sq": v[r, a:a + n].view(s)} for j, (a, n, s) in enumerate(opt_slices)}
-        groups = copy.deepcopy(opt_groups)
-        for g in groups:
-            g["lr"] = lr_at(mb.cfg, done - 1)
-        stats = {"interval": interval[r], "total": total[r], "n_interval": mb.n_interval,
-                 "final_losses": final[r, :mb.window]}
-        return {"model": model, "optimizer": {"state": ost, "param_groups": groups}, "step": done,
-                "stats": stats, "val_history": list(mb.val_history), "config_hash": mb.cfg.config_hash(),
-                "rng_cpu": torch.random.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if cuda else None}
-
-    def stop(mb: _Member, status: str) -> _Member:
-        return _stop(mb, status, interval, total, final, N, corpus)
-
-    # --- logging without a sync ------------------------------------------------------------------------
-    pending: list[tuple[Any, torch.Tensor, list[tuple[_Member, int, int]]]] = []  # (event, host sums, members)
-    row_index: dict[tuple[int, ...], torch.Tensor] = {}  # the device index of a set of rows (made once)
-
-    def fetch_logs(logging: list[_Member]) -> None:
-        """Queue the copy of these models' interval sums to the host and restart their intervals (both
-        on the device, in stream order): no wait for the GPU here."""
-        key = tuple(mb.row for mb in logging)
-        if key not in row_index:
-            row_index[key] = torch.tensor(key, device=device)
-        idx = row_index[key]
-        host = torch.empty(len(key), interval.shape[1], dtype=interval.dtype, pin_memory=cuda)
-        host.copy_(interval.index_select(0, idx), non_blocking=cuda)
-        interval.index_fill_(0, idx, 0.0)
-        event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
-        pending.append((event, host, [(mb, mb.step, mb.n_interval) for mb in logging]))
-        for mb in logging:
-            mb.n_interval = 0
-
-    def deliver_logs(wait: bool) -> list[_Member]:
-        """Hand the fetched sums that have arrived (all of them with ``wait``) to on_log, oldest first;
-        stop the models whose means are not finite (DIVERGED, at the step they were logged) or whose
-        hook prunes them. Returns the stopped models."""
-        out: list[_Member] = []
-        while pending and (wait or pending[0][0] is None or pending[0][0].query()):
-            event, host, entries = pending.pop(0)
-            if event is not None:
-                event.synchronize()
-            now = time.perf_counter()
-            for (mb, step, n), srow in zip(entries, host):
-                if not mb.running:
-                    continue
-                means = (srow / n).tolist()
-                if not all(math.isfinite(x_) for x_ in means[:2]):
-                    mb.step = step
-                    out.append(stop(mb, "DIVERGED"))
-                    continue
-                metrics = dict(zip(LOG_METRICS, means))
-                metrics["lr"] = lr_at(mb.cfg, step - 1)
-                metrics["tokens_per_s"] = (step - mb.tokens_last) * mb.cfg.tokens_per_step / max(now - mb.t_last, 1e-9)
-                mb.t_last, mb.tokens_last = now, step
-                try:
-                    mb.hooks.on_log(step, metrics)
-                except Pruned:
-                    mb.step = step
-                    out.append(stop(mb, "PRUNED"))
-        return out
-
-    # --- the loop ------------------------------------------------------------------------------------
-    tm = {"configs": K, "ticks": 0, "warm": [], "evals": [], "builds": 0, "setup_s": time.perf_counter() - t_start}
-    ps: Pass | None = None
-    for mb in members:
-        mb.t_last = time.perf_counter()
-    try:
-        while any(mb.running for mb in members):
-            if ps is None:
-                ps = build_pass()
-                tm["builds"] += 1
-            if ps.tick >= TABLE_CHUNK:
-                build_tables(ps)
-            t0 = time.perf_counter() if ps.warm_left else None
-            if ps.graph is not None:
-                ps.graph.replay()
-            elif use_graph and ps.warm_left == 1:
-                # the last warm tick runs on the side stream the graph is then recorded on; the recording
-                # runs nothing, so the graph's first replay is the next tick
-                ps.side = torch.cuda.Stream(device)
-                ps.side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(ps.side):
-                    run_step(ps)
-                torch.cuda.current_stream(device).wait_stream(ps.side)
-                capture(ps)
-            else:
-                run_step(ps)
-            ps.tick += 1
-            tm["ticks"] += 1
-            stopped: list[_Member] = []
-            for mb in ps.members:
-                if not mb.running:
-                    continue
-                mb.step += 1
-                mb.n_interval += 1
-                try:
-                    mb.hooks.on_step(mb.step)
-                except Pruned:  # the sums its earlier steps logged reach its hooks first, as in train.py
-                    stopped += deliver_logs(wait=True)
-                    if mb.running:
-                        stopped.append(stop(mb, "PRUNED"))
-            if t0 is not None:
-                sync()
-                tm["warm"].append(time.perf_counter() - t0)
-                ps.warm_left -= 1
-
-            # logging: the sums of every model that logs now are fetched without waiting for the GPU, and
-            # handed to the hooks once they have arrived — at the latest before any evaluation, checkpoint or
-            # end of a run, so on_log/on_eval/on_checkpoint come in train.py's order (on_step, a progress
-            # count, may run a few steps ahead of on_log)
-            live = [mb for mb in ps.members if mb.running]
-            logging = [mb for mb in live if due(mb.step, mb.cfg.phase.train.log_interval, mb.cfg.steps)]
-            if logging:
-                fetch_logs(logging)
-            # what each live model does at this step (a model that deliver_logs stops is no longer running)
-            evals_now = [due(mb.step, mb.cfg.phase.train.eval_interval, mb.cfg.steps) for mb in live]
-            ckpts_now = [due(mb.step, mb.cfg.phase.train.checkpoint_every, mb.cfg.steps) for mb in live]
-            sync_point = not cuda or any(e or c or mb.step >= mb.cfg.steps
-                                         for mb, e, c in zip(live, evals_now, ckpts_now))
-            stopped += deliver_logs(wait=sync_point)
-            # evaluation: one batched pass for every model that evaluates now
-            evaluating = [mb for mb, e in zip(live, evals_now) if e and mb.running]
-            if evaluating:
-                te = time.perf_counter()
-                vals = evaluate_rows([mb.row for mb in evaluating])
-                tm["evals"].append(time.perf_counter() - te)
-                for mb, val in zip(evaluating, vals):
-                    mb.val_history.append((mb.step, val))
-                    try:
-                        mb.hooks.on_eval(mb.step, val)
-                    except Pruned:
-                        stopped.append(stop(mb, "PRUNED"))
-                        continue
-                    if not math.isfinite(val):
-                        stopped.append(stop(mb, "DIVERGED"))
-            for mb, c in zip(live, ckpts_now):
-                if c and mb.running:
-                    try:
-                        mb.hooks.on_checkpoint(mb.step, state_of(mb))
-                    except Pruned:
-                        stopped.append(stop(mb, "PRUNED"))
-            for mb in live:
-                if mb.running and mb.step >= mb.cfg.steps:
-                    stopped.append(stop(mb, "FINISHED"))
-            if stopped:
-                for mb in stopped:
-                    freeze(mb, ps)
-                dead = sum(mb.cfg.batch_size for mb in ps.members if not mb.running)
-                if not any(mb.running for mb in members):
-                    break
-                if not compile or dead >= REBUILD_DEAD_FRACTION * ps.n_seqs:
-                    ps = None
-    except BaseException:  # Ctrl-C, SIGTERM, an error: the sums already fetched still reach their hooks
-        try:
-            deliver_logs(wait=True)
-        except Exception:
-            pass
-        raise
-
+    trainer = GroupTrainer(cfgs, corpus, device, hooks, resume_states, compile)
+    results = trainer.run()
     if timings is not None:
-        sync()
-        tm["wall_s"] = time.perf_counter() - t_start
-        tm["eval_s"] = sum(tm["evals"])
-        timings.update(tm)
-    return [mb.result for mb in sorted(members, key=lambda mb: mb.index)]
+        timings.update(trainer.timings)
+    return results
 
 
 def timing_metrics(tm: dict) -> dict[str, float]:
@@ -944,20 +934,3 @@ def timing_metrics(tm: dict) -> dict[str, float]:
     if rest > 0:
         out["group_step_ms"] = 1000 * (tm["wall_s"] - tm["setup_s"] - first - tm["eval_s"]) / rest
     return out
-
-
-def _stop(mb: _Member, status: str, interval, total, final, n_params: int, corpus: Corpus) -> _Member:
-    mb.running = False
-    mb.result = _result(mb, interval, total, final, status, n_params, corpus)
-    return mb
-
-
-def _result(mb: _Member, interval, total, final, status: str, n_params: int, corpus: Corpus) -> TrainResult:
-    """The member's TrainResult through train.py's own ``_summary`` (its rows as a ``_Stats``)."""
-    stats = _Stats("cpu", mb.window)
-    stats.interval, stats.total = interval[mb.row].cpu(), total[mb.row].cpu()
-    stats.final_losses = final[mb.row, :mb.window].cpu()
-    steps_done = mb.cfg.steps if status == "FINISHED" else mb.step
-    return TrainResult(status=status, steps_done=steps_done, n_params=n_params,
-                       summary=_summary(mb.cfg, stats, mb.val_history, steps_done, status, n_params, corpus),
-                       val_history=list(mb.val_history))

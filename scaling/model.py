@@ -89,7 +89,9 @@ class NanoTransformer(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        # at least fp32 (bf16 logits under autocast are too coarse for the softmax), float64 kept as it is
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def decay_mask(model: nn.Module) -> dict[str, bool]:

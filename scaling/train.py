@@ -26,7 +26,7 @@ from scaling.model import NanoTransformer, build_model, decay_mask
 
 FINAL_WINDOW_FRACTION = 0.1  # final_train_loss / train_loss_std are over the last 10% of steps
 CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
-# The per-interval means logged through ``Hooks.on_log`` (in _Stats.KEYS order), plus "lr" and "tokens_per_s".
+# The per-interval means logged through ``Hooks.on_log`` (in RunStats.KEYS order), plus "lr" and "tokens_per_s".
 LOG_METRICS = ("train_loss", "grad_norm_before_clip", "grad_norm_after_clip", "clip_frequency", "effective_lr_scale")
 
 
@@ -45,7 +45,7 @@ def clip_stats(loss: torch.Tensor, norm: torch.Tensor, clip) -> tuple[torch.Tens
 
     ``norm`` is the global gradient norm before clipping (a scalar, or one per model with ``clip`` one
     per model too); scale = min(1, clip / (norm + eps)), the factor the gradient was multiplied by.
-    The row (last dimension, in ``_Stats.KEYS`` order, float64): loss, norm before, norm after
+    The row (last dimension, in ``RunStats.KEYS`` order, float64): loss, norm before, norm after
     (= norm · scale), clipped (norm > clip), scale.
     """
     scale = torch.clamp(clip / (norm + CLIP_EPS), max=1.0)
@@ -120,8 +120,11 @@ def evaluate(model: NanoTransformer, batches, autocast) -> torch.Tensor:
     return total / len(batches)
 
 
-class _Stats:
-    """Device-side running sums: per logging interval and over the whole run."""
+class RunStats:
+    """A run's running statistics, on its device: sums of the clip-metric rows (:func:`clip_stats`) per
+    logging interval and over the whole run, the interval's step count, and the losses of the final window
+    (``final_train_loss`` / ``train_loss_std``). The batched engine keeps one row of these per model and
+    hands each model's rows to :func:`summarize` as a RunStats."""
 
     KEYS = ("loss", "before", "after", "clipped", "scale")
 
@@ -156,7 +159,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
     clip = float("inf") if cfg.clip is None else cfg.clip
     window = final_window(cfg.steps)
     window_start = cfg.steps - window
-    stats = _Stats(device, window)
+    stats = RunStats(device, window)
     val_history: list[tuple[int, float]] = []
     start = 0
     if resume_state is not None:
@@ -228,12 +231,15 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
         status = "PRUNED"
     steps_done = step + 1 if status != "FINISHED" else cfg.steps
     return TrainResult(status=status, steps_done=steps_done, n_params=n_params,
-                       summary=_summary(cfg, stats, val_history, steps_done, status, n_params, corpus),
+                       summary=summarize(cfg, stats, val_history, steps_done, status, n_params, corpus),
                        val_history=val_history)
 
 
-def _summary(cfg: RunConfig, stats: _Stats, val_history, steps_done: int, status: str, n_params: int,
-             corpus: Corpus) -> dict[str, float]:
+def summarize(cfg: RunConfig, stats: RunStats, val_history, steps_done: int, status: str, n_params: int,
+              corpus: Corpus) -> dict[str, float]:
+    """A run's summary metrics: parameters, tokens seen, the corpus's baselines and, unless it diverged, the
+    mean clip metrics over its steps, its validation-loss history's final / minimum / rise and, if it
+    finished, the mean and spread of its final window's training losses."""
     total = (stats.total / max(steps_done, 1)).tolist()
     tokens = steps_done * cfg.tokens_per_step
     # epochs: passes over the training split; windows are drawn at random, so this is the expected count

@@ -216,16 +216,16 @@ def test_compile_modes_are_valid_torch_compile_arguments():
     checked when the wrapper is made, before anything compiles), and the tag names it back."""
     import torch
 
-    from scaling.batched import _compile_kwargs
+    from scaling.batched import compile_kwargs
     from scaling.cli import _compile_arg
     from scaling.config import COMPILE_MODES, compile_text
     for mode in COMPILE_MODES:
         arg = _compile_arg(True, mode)
-        torch.compile(lambda x: x + 1, dynamic=False, **_compile_kwargs(arg))
+        torch.compile(lambda x: x + 1, dynamic=False, **compile_kwargs(arg))
         assert compile_text(arg) == mode
     assert _compile_arg(False, "max-autotune") is False and compile_text(False) == "off"
-    assert _compile_kwargs(_compile_arg(True, "max-autotune"))["options"]["max_autotune"] is True
-    gemm = _compile_kwargs(_compile_arg(True, "max-autotune-gemm"))["options"]
+    assert compile_kwargs(_compile_arg(True, "max-autotune"))["options"]["max_autotune"] is True
+    gemm = compile_kwargs(_compile_arg(True, "max-autotune-gemm"))["options"]
     assert gemm["max_autotune_gemm"] is True and not gemm.get("max_autotune") and "coordinate_descent_tuning" not in gemm
     assert gemm["autotune_num_choices_displayed"] == 0  # quiet, as max-autotune
 
