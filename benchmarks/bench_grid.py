@@ -88,6 +88,8 @@ class Bench:
             over["lrs"] = args.lrs
         if args.eval_batches:
             over["eval_batches"] = args.eval_batches
+        if args.seeds:
+            over["seeds"] = args.seeds
         self.phase = phase.with_overrides(**over) if over else phase
         self.full_steps = {b: self.phase.run_config(b, self.phase.grid.lrs[0] if self.phase.grid.lrs else 1e-3).steps
                            for b in self.phase.grid.batch_sizes}
@@ -480,6 +482,7 @@ def main(argv=None) -> int:
                          f"({', '.join(COMPILE_MODES)})")
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="override the grid's batch sizes")
     ap.add_argument("--lrs", type=float, nargs="+", help="override the grid's learning rates")
+    ap.add_argument("--seeds", type=int, nargs="+", help="override the phase's seeds")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per batch size for (a) and (b)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed warm-up steps for (a) and (b)")
     ap.add_argument("--group-steps", type=int, default=300, help="steps of the timed train_group run (c)")
