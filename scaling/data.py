@@ -195,9 +195,16 @@ def random_corpus(data: DataConfig, model: ModelConfig, seed: int) -> Corpus:
 
 
 def load_corpus(phase: Phase, seed: int, data_dir: str | Path | None = None,
-                splits: tuple[str, str] = ("train", "valid")) -> Corpus:
+                splits: tuple[str, str] = ("train", "valid"), task: str | None = None) -> Corpus:
+    """The corpus of a phase's configuration (``task``: a modular configuration's, see scaling.modular)."""
     if phase.data.dataset == "random":
         return random_corpus(phase.data, phase.model, seed)
+    if phase.data.dataset == "modular":
+        from scaling import modular
+
+        return modular.load_corpus(phase.data, task, seed)
+    if phase.data.dataset == "text":
+        raise DataError("data.dataset text (a directory of {train,valid,test}.txt) has no loader in this build")
     return load_wikitext2(data_dir, splits)
 
 
