@@ -114,7 +114,8 @@ def variant_options(fn):
 
     opts = [click.option("--model-sizes", callback=_names, default=None,
                          help="Model sizes of a ladder phase to keep, e.g. m or s,m (names of grid.model_sizes)."),
-            click.option("--tasks", callback=_names, default=None, help="Tasks of a modular phase to keep, e.g. x_plus_y."),
+            click.option("--tasks", callback=_names, default=None,
+                         help="Tasks of a modular phase to keep, e.g. x_plus_y."),
             click.option("--schedules", callback=_names, default=None,
                          help="Batch-size schedules of a modular phase to keep, by name (e.g. linear_32_512)."),
             click.option("--lr-rules", callback=_names, default=None,

@@ -346,7 +346,8 @@ class RunConfig:
             out["model_size"] = self.model_size
         if d.dataset == "modular":
             out.update(task=self.task, modulus=d.modulus, train_fraction=d.train_fraction,
-                       batch_schedule=self.schedule.spec(), batch_schedule_name=self.schedule.label, lr_rule=self.lr_rule)
+                       batch_schedule=self.schedule.spec(), batch_schedule_name=self.schedule.label,
+                       lr_rule=self.lr_rule)
         return out
 
     def variant_text(self) -> str:

@@ -159,7 +159,8 @@ def test_sweep_trains_grokking_configs_one_at_a_time_even_when_asked_to_batch(tm
         "B8-lr0.003-clipnone-s0-x_plus_y-constant-none", "B8-lr0.003-clipnone-s0-x_plus_y-step_2_8-none",
         "B8-lr0.003-clipnone-s0-x_plus_y-step_2_8-sqrt"]
     assert all("scaling.compile" not in x.data.tags for x in children)  # not the batched engine
-    assert parent.data.params["grid_schedules"] == "constant,step:0:2,15:8" and parent.data.params["grid_tasks"] == "x_plus_y"
+    params = parent.data.params
+    assert params["grid_schedules"] == "constant,step:0:2,15:8" and params["grid_tasks"] == "x_plus_y"
     assert "task" not in parent.data.params and "batch_schedule" not in parent.data.params
 
 
