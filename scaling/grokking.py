@@ -141,9 +141,9 @@ def train_step(run: GrokRun, step: int, clip: float) -> None:
     before = torch.nn.utils.clip_grad_norm_(list(run.model.parameters()), clip)
     plain = F.cross_entropy(logits.detach(), rows[:, 4]) if cfg.phase.train.label_smoothing else loss.detach()
     _, row = clip_stats(plain, before, clip)
-    correct = (logits.detach().argmax(-1) == rows[:, 4]).sum().double()
-    row = torch.cat([row, torch.stack([correct, torch.tensor(float(len(rows)), device=row.device,
-                                                             dtype=torch.float64)])])
+    correct = (logits.detach().argmax(-1) == rows[:, 4]).sum().double().reshape(1)
+    count = torch.full((1,), float(len(rows)), device=row.device, dtype=torch.float64)  # a fill: no host copy
+    row = torch.cat([row, correct, count])
     run.interval += row
     run.total += row
     run.n_interval += 1

@@ -210,7 +210,7 @@ def _log_comparison(client, report: dict[str, Any], d: Path) -> str:
             best = (ph.get("best") or {}).get("loss")
             if best is not None:
                 rows.append((_metric_key(ph["phase"], "best_loss"), best, 0))
-        rows += [(_metric_key(*k.split("/")), v, st) for k, v, st in sibling_report.metric_rows(report.get("siblings"))]
+        rows += [(_metric_key(ph, k), v, 0) for ph, k, v in sibling_report.metric_rows(report.get("siblings"))]
         if rows:
             tracking.log_metrics(client, run_id, rows)
         report["comparison_run_id"] = run_id

@@ -26,7 +26,7 @@ import pandas as pd
 from scaling import lawfit, tracking
 
 AXES = ("model_size", "task", "batch_schedule_name", "lr_rule")
-PARAMS = ("seed", "batch_size", "lr", "steps", "d_model", "n_layers", "n_heads", "n_params", *AXES)
+PARAMS = ("seed", "batch_size", "lr", "steps", "warmup_steps", "d_model", "n_layers", "n_heads", "n_params", *AXES)
 METRICS = ("final_train_acc", "final_val_acc", "max_val_acc", "step_val_acc_99", "final_val_loss", "min_val_loss",
            "final_train_loss", "tokens_seen")
 GROK_KEYS = ["task", "batch_schedule_name", "lr_rule", "batch_size", "lr"]
@@ -53,7 +53,8 @@ def phase_runs(client, phase: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    for k in ("seed", "batch_size", "lr", "steps", "d_model", "n_layers", "n_heads", "n_params", *METRICS):
+    for k in ("seed", "batch_size", "lr", "steps", "warmup_steps", "d_model", "n_layers", "n_heads", "n_params",
+              *METRICS):
         df[k] = pd.to_numeric(df[k], errors="coerce")
     return df.sort_values("end_time", ascending=False).reset_index(drop=True)
 
@@ -113,9 +114,20 @@ def grokking_section(phase: str, df: pd.DataFrame, history) -> dict[str, Any]:
                    steps=int(g["steps"].max()), n_reached_99=int((ok["max_val_acc"] >= ACC_THRESHOLD).sum()))
         for m in ("final_train_acc", "final_val_acc", "step_val_acc_99", "final_val_loss"):
             row[m], row[m + "_se"] = _mean_se(ok[m])
+        row.update(in_force(g.iloc[0], history))
         rows.append(row)
         curves.append({**{k: row[k] for k in GROK_KEYS}, **accuracy_curve(list(ok["run_id"]), history)})
     return {"phase": phase, "rows": rows, "curves": curves, "n_runs": int(len(df)), "n_results": int(len(res))}
+
+
+def in_force(run: pd.Series, history) -> dict[str, list]:
+    """The batch size and LR a run trained with, first (after the warmup) and last, from its records."""
+    out = {}
+    for key in ("batch_size", "lr"):
+        h = sorted((m.step, m.value) for m in history(run["run_id"], key))
+        after = [v for s, v in h if s > (run["warmup_steps"] or 0)] or [v for _, v in h]
+        out[f"{key}_in_force"] = [after[0], after[-1]] if after else None
+    return out
 
 
 def accuracy_curve(run_ids: list[str], history, key: str = "val_acc") -> dict[str, list]:
@@ -246,15 +258,18 @@ def _ci(p: dict, fmt="{:.3g}") -> str:
 
 def grokking_tables(sec: dict[str, Any], grid) -> list[str]:
     out = []
-    headers = ["schedule", "lr rule", "B ref", "lr", "seeds", "final train acc", "final val acc",
-               "step val acc 99", "reached 99%"]
+    headers = ["schedule", "lr rule", "B ref", "lr", "B in force", "lr in force", "seeds", "final train acc",
+               "final val acc", "step val acc 99", "reached 99%"]
+    span = lambda v, fmt: "-" if not v else fmt.format(v[0]) + ("" if v[0] == v[1] else "→" + fmt.format(v[1]))  # noqa: E731
     for task in dict.fromkeys(r["task"] for r in sec["rows"]):
         rows = [[r["batch_schedule_name"], r["lr_rule"], str(r["batch_size"]), f"{r['lr']:g}",
+                 span(r["batch_size_in_force"], "{:.0f}"), span(r["lr_in_force"], "{:.3g}"),
                  f"{r['n_seeds']}" + (f" (+{r['n_diverged']} div.)" if r["n_diverged"] else ""),
                  _pm(r["final_train_acc"], r["final_train_acc_se"]), _pm(r["final_val_acc"], r["final_val_acc_se"]),
                  _pm(r["step_val_acc_99"], r["step_val_acc_99_se"], "{:.0f}"),
                  f"{r['n_reached_99']}/{r['n_seeds']}"] for r in sec["rows"] if r["task"] == task]
-        out += [f"task {task} (mean ± s.e. over seeds; step val acc 99 = the budget when never reached)", "",
+        out += [f"task {task} (mean ± s.e. over seeds; step val acc 99 = the budget when never reached; "
+                "in force: first logged after the warmup → last)", "",
                 grid(headers, rows), ""]
     return out
 
@@ -298,11 +313,11 @@ def render_lines(sib: dict[str, Any] | None, grid, md: bool = False) -> list[str
     return out
 
 
-def metric_rows(sib: dict[str, Any] | None) -> list[tuple[str, float, int]]:
-    """Metrics of the comparison run: each ladder fit's α."""
+def metric_rows(sib: dict[str, Any] | None) -> list[tuple[str, str, float]]:
+    """Metrics of the comparison run, as (phase, name, value): each ladder fit's α."""
     rows = []
     for sec in (sib or {}).get("ladder", []):
         for form, f in sec["fits"].items():
             if f.get("status") == "ok":
-                rows.append((f"{sec['phase']}/alpha_{form}", f["params"]["alpha"]["value"], 0))
+                rows.append((sec["phase"], f"alpha_{form}", f["params"]["alpha"]["value"]))
     return rows

@@ -68,7 +68,8 @@ def test_grokking_tables_curves_and_plots(tmp_path, tracking_uri):
         step99 = 10 + 10 * cfg.seed + i
         record(client, cfg, {"final_train_acc": 1.0, "final_val_acc": acc, "max_val_acc": 0.995 if cfg.seed else acc,
                              "step_val_acc_99": step99, "final_val_loss": 1.0},
-               {"val_acc": [(10, acc / 2), (20, acc), (30, acc)]})
+               {"val_acc": [(10, acc / 2), (20, acc), (30, acc)], "batch_size": [(1, 2.0), (5, 3.0), (30, 8.0)],
+                "lr": [(1, 1e-4), (5, 1e-3), (30, 2e-3)]})  # warmup: 2 steps
         want.setdefault((cfg.task, cfg.schedule.label, cfg.lr_rule), []).append((acc, step99, cfg.seed))
     record(client, p.run_configs()[1], bad, status="RUNNING")  # not a result yet
     out = tmp_path / "report"
@@ -83,6 +84,7 @@ def test_grokking_tables_curves_and_plots(tmp_path, tracking_uri):
         assert row["step_val_acc_99"] == pytest.approx(np.mean(steps))
         assert row["step_val_acc_99_se"] == pytest.approx(np.std(steps, ddof=1) / math.sqrt(2))
         assert row["final_val_acc"] == pytest.approx(np.mean(accs))
+        assert row["batch_size_in_force"] == [3.0, 8.0] and row["lr_in_force"] == [1e-3, 2e-3]
     curve = next(c for c in sec["curves"] if c["batch_schedule_name"] == "linear_2_8" and c["lr_rule"] == "sqrt"
                  and c["task"] == "x_div_y")
     accs = [a for a, _, _ in want[("x_div_y", "linear_2_8", "sqrt")]]
