@@ -39,9 +39,10 @@ RUN_COLUMNS = ("run_id", "phase", "batch_size", "lr", "grad_clip", "seed", "stat
 METRIC_COLUMNS = ("final_val_loss", "min_val_loss", "final_train_loss", "val_loss_rise",
                   "avg_clip_frequency", "avg_grad_norm_before", "avg_grad_norm_after",
                   "baseline_uniform_loss", "baseline_unigram_loss", "baseline_bigram_loss",
-                  "tail_index_alpha", "tokens_seen")
+                  "tail_index_alpha", "tokens_seen", "step_val_acc_99")
 #: Objectives ``--metric`` accepts.
-OBJECTIVES = ("final_val_loss", "min_val_loss", "final_train_loss")
+OBJECTIVES = ("final_val_loss", "min_val_loss", "final_train_loss",
+              "step_val_acc_99")  # modular phases: the first step at >= 99% validation accuracy
 ESTIMATORS = ("argmin", "vertex")
 FIT_KINDS = ("all", "uncensored", "censored")
 

@@ -7,6 +7,7 @@ option, missing or malformed value) — is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 import sys
@@ -97,6 +98,31 @@ def phase_options(fn):
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+_names = _comma_list(str.strip, "names")
+
+
+def variant_options(fn):
+    """``--model-sizes``, ``--tasks``, ``--schedules``, ``--lr-rules``: keep only these entries of the phase's
+    variant axes; they reach the command as one ``variants`` dict (Phase.with_overrides' keywords)."""
+    keys = ("model_sizes", "tasks", "schedules", "lr_rules")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, variants={k: kwargs.pop(k) for k in keys}, **kwargs)
+
+    opts = [click.option("--model-sizes", callback=_names, default=None,
+                         help="Model sizes of a ladder phase to keep, e.g. m or s,m (names of grid.model_sizes)."),
+            click.option("--tasks", callback=_names, default=None,
+                         help="Tasks of a modular phase to keep, e.g. x_plus_y."),
+            click.option("--schedules", callback=_names, default=None,
+                         help="Batch-size schedules of a modular phase to keep, by name (e.g. linear_32_512)."),
+            click.option("--lr-rules", callback=_names, default=None,
+                         help="LR rules of a modular phase to keep: none, sqrt, linear.")]
+    for o in reversed(opts):
+        wrapper = o(wrapper)
+    return wrapper
 
 
 def load_phase_with_overrides(phase_name, phase_file, **over):
@@ -206,13 +232,18 @@ def phases():
                else ", ".join(f"{lr:g}" for lr in g.lrs))
         clips = ", ".join(clip_text(c) for c in g.clips)
         click.echo(f"{name:<11} {p.data.dataset:<9} ~{n_params_estimate(p.model) / 1e3:.0f}K params  "
-                   f"{p.train.budget_kind}={p.train.budget:g}  configs={len(p.grid_points())}")
+                   f"{p.train.budget_kind}={p.train.budget:g}  configs={len(p.run_configs())}")
         click.echo(f"{'':<11} batch sizes: {', '.join(map(str, g.batch_sizes))}")
         click.echo(f"{'':<11} lrs: {lrs}   clips: {clips}")
+        for axis, values in (("model sizes", [s.name for s in g.model_sizes]), ("tasks", g.tasks),
+                             ("schedules", [s.label for s in g.schedules]), ("lr rules", g.lr_rules)):
+            if values:
+                click.echo(f"{'':<11} {axis}: {', '.join(values)}")
 
 
 @main.command()
 @phase_options
+@variant_options
 @click.option("--batch-size", type=int, required=True)
 @click.option("--lr", type=float, required=True)
 @click.option("--clip", callback=_clip_value, default=None, help="Clip threshold or 'none' (default: the phase's).")
@@ -220,13 +251,13 @@ def phases():
 @click.option("--resume", "resume_run_id", default=None, help="Continue this MLflow run from its last checkpoint.")
 def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
           checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_size, lr, clip, seed,
-          resume_run_id):
+          resume_run_id, variants):
     """Train one configuration of a phase and record it in MLflow."""
     from scaling.runner import run_config
 
     phase = load_phase_with_overrides(phase_name, phase_file, steps=steps, tokens=tokens, warmup=warmup,
                                       eval_interval=eval_interval, eval_batches=eval_batches,
-                                      log_interval=log_interval, checkpoint_every=checkpoint_every)
+                                      log_interval=log_interval, checkpoint_every=checkpoint_every, **variants)
     cfg = phase.run_config(batch_size, lr, clip, seed, splits=parse_splits(splits))
     result = run_config(cfg, device=device, data_dir=data_dir, tracking_uri=tracking_uri,
                         resume_run_id=resume_run_id, progress=not quiet, source="train")
@@ -236,7 +267,7 @@ def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
 @main.command()
 @click.option("--phases", required=True, help="Comma-separated phases, e.g. 2_5,3a.")
 @click.option("--metric", default="final_val_loss", show_default=True,
-              help="Objective: final_val_loss, min_val_loss or final_train_loss.")
+              help="Objective: final_val_loss, min_val_loss, final_train_loss or (modular phases) step_val_acc_99.")
 @click.option("--format", "fmt", default="table", show_default=True, help="What to print: table, json, csv, markdown.")
 @click.option("--out", "out_dir", default=None, help="Write every format and the PNG plots into this directory.")
 @click.option("--estimator", default="argmin", show_default=True,
@@ -283,6 +314,7 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
 
 @main.command()
 @phase_options
+@variant_options
 @click.option("--batch-sizes", callback=_ints, default=None, help="Override the grid's batch sizes, e.g. 32,64.")
 @click.option("--lrs", callback=_floats, default=None, help="Override the grid's LRs, e.g. 1e-3,3e-3.")
 @click.option("--clips", callback=_clips, default=None, help="Override the grid's clip thresholds (none = off).")
@@ -300,7 +332,7 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
 @COMPILE_MODE
 def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
           checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, lrs, clips, seeds, workers,
-          storage, retry_failed, sweep_name, group_size, compile_, compile_mode):
+          storage, retry_failed, sweep_name, group_size, compile_, compile_mode, variants):
     """Run a phase's whole grid: one MLflow parent run, one child per config; resumable, parallel."""
     from scaling.sweep import run_sweep
     from scaling.train import resolve_device
@@ -310,7 +342,7 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
     phase = load_phase_with_overrides(phase_name, phase_file, steps=steps, tokens=tokens, warmup=warmup,
                                       eval_interval=eval_interval, eval_batches=eval_batches,
                                       log_interval=log_interval, checkpoint_every=checkpoint_every,
-                                      batch_sizes=batch_sizes, lrs=lrs, clips=clips, seeds=seeds)
+                                      batch_sizes=batch_sizes, lrs=lrs, clips=clips, seeds=seeds, **variants)
     group_size = group_size or (len(phase.grid_points()) if on_cuda else 1)
     summary = run_sweep(phase, device=device, data_dir=data_dir, splits=parse_splits(splits),
                         tracking_uri=tracking_uri, storage=storage, workers=workers, retry_failed=retry_failed,
@@ -325,6 +357,7 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
 
 @main.command()
 @phase_options
+@variant_options
 @click.option("--batch-sizes", callback=_ints, required=True, help="Batch sizes to search, e.g. 128,256.")
 @click.option("--trials", type=int, default=12, show_default=True, help="Evaluated trials per batch size (study).")
 @click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes"]), default="tpe", show_default=True)
@@ -348,8 +381,10 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
 def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
            checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, trials, sampler, pruner,
            storage, study_name, extend_factor, margin, max_extensions, batch, sampler_seed, group, compile_,
-           compile_mode):
-    """Optuna search over log(LR) per batch size, extending past the grid's edge until bracketed."""
+           compile_mode, variants):
+    """Optuna search over log(LR) per batch size, extending past the grid's edge until bracketed; it
+    minimises the phase's train.objective. A phase with several model sizes / tasks / schedules / LR rules
+    is searched at one of each (--model-sizes, --tasks, --schedules, --lr-rules)."""
     from scaling.search import run_search
     from scaling.train import resolve_device
 
@@ -358,7 +393,7 @@ def search(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_ba
 
     phase = load_phase_with_overrides(phase_name, phase_file, steps=steps, tokens=tokens, warmup=warmup,
                                       eval_interval=eval_interval, eval_batches=eval_batches,
-                                      log_interval=log_interval, checkpoint_every=checkpoint_every)
+                                      log_interval=log_interval, checkpoint_every=checkpoint_every, **variants)
     summary = run_search(phase, batch_sizes, trials, sampler=sampler, pruner=pruner, storage=storage,
                          study_name=study_name, extend_factor=extend_factor, margin=margin,
                          max_extensions=max_extensions, batch=batch, device=device, data_dir=data_dir,

@@ -233,9 +233,14 @@ def random_corpus(data: DataConfig, model: ModelConfig, seed: int) -> Corpus:
 
 
 def load_corpus(phase: Phase, seed: int, data_dir: str | Path | None = None,
-                splits: tuple[str, str] = ("train", "valid")) -> Corpus:
+                splits: tuple[str, str] = ("train", "valid"), task: str | None = None) -> Corpus:
+    """The corpus of a phase's configuration (``task``: a modular configuration's, see scaling.modular)."""
     if phase.data.dataset == "random":
         return random_corpus(phase.data, phase.model, seed)
+    if phase.data.dataset == "modular":
+        from scaling import modular
+
+        return modular.load_corpus(phase.data, task, seed)
     return load_text_corpus(phase.data, data_dir, splits)
 
 

@@ -2,8 +2,10 @@
 
 Token + learned position embeddings, ``n_layers`` blocks of (LayerNorm → causal self-attention via
 ``F.scaled_dot_product_attention``) and (LayerNorm → 4x GELU MLP) with residuals, a final LayerNorm and
-an output head tied to the token embedding. No biases in linear layers, no dropout: the forward pass
-is deterministic, so a resumed run reproduces an uninterrupted one.
+an output head tied to the token embedding. No biases in linear layers. Dropout (``ModelConfig.dropout``,
+off by default) acts on the embeddings, the attention weights and both residual branches while training;
+off, the forward pass is deterministic, and on, it draws from the RNG states a checkpoint keeps, so a
+resumed run reproduces an uninterrupted one either way.
 
 Parameter count: ``n_layers * (12 d² + 4 d) + V d + T d + 2 d`` (~206K for phase 2, ~822K for 2.5).
 """
@@ -23,6 +25,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -30,8 +33,9 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return _dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -39,9 +43,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return _dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -82,7 +87,7 @@ class NanoTransformer(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, time, vocab) for token ids of shape (batch, time)."""
         t = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        x = _dropout(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)), self.cfg.dropout, self.training)
         for block in self.blocks:
             x = block(x)
         return F.linear(self.ln_f(x), self.wte.weight)  # tied output head
@@ -92,6 +97,11 @@ class NanoTransformer(nn.Module):
         # at least fp32 (bf16 logits under autocast are too coarse for the softmax), float64 kept as it is
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout only when it is on: with p = 0 nothing is computed and no random number is drawn."""
+    return F.dropout(x, p, training) if p and training else x
 
 
 def decay_mask(model: nn.Module) -> dict[str, bool]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from scaling import analysis, tracking
+from scaling import analysis, sibling_report, tracking
 from scaling.config import ConfigError, builtin_phase_names, first_line
 
 SCHEMA_VERSION = 1
@@ -105,10 +105,16 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out must be a directory, got the file {str(out)!r}")
     client = tracking.connect(tracking_uri)
-    runs = load_runs(client, names)
     fixed = {"confidence": 0.95, "window": 1, "overfit_threshold": 0.05, "law_points": "uncensored"}
-    result = analysis.analyze(runs, metric=metric, estimator=estimator, exclude_unlearned=exclude_unlearned,
-                              pool_budgets=pool_budgets, bootstrap=bootstrap, seed=seed, phases=names, **fixed)
+    # Sibling phases (grokking, the model-size ladder) get their own sections; those whose runs vary over a
+    # variant axis (task, schedule, size...) are no LR_opt(B) grid and stay out of the analysis below.
+    siblings = sibling_report.collect(client, names, metric, fixed["confidence"])
+    main = [n for n in names if n not in siblings["only"]]
+    result = {"phases": [], "comparison": [], "optima": []}
+    if main:
+        result = analysis.analyze(load_runs(client, main), metric=metric, estimator=estimator,
+                                  exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, bootstrap=bootstrap,
+                                  seed=seed, phases=main, **fixed)
     report = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -121,6 +127,7 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
                      "quadratic_window": fixed["window"], "overfit_threshold": fixed["overfit_threshold"],
                      "law_points": fixed["law_points"]},
         **result,
+        "siblings": siblings,
     }
     report["comparison_run_id"] = None
     texts = {"table": render_table(report), "markdown": render_markdown(report),
@@ -171,9 +178,10 @@ def _write_all(report, texts, d: Path, plots: bool) -> list[str]:
         (d / name).write_text(text)
         written.append(name)
     if plots:
-        from scaling import plots as plotting
+        from scaling import plots as plotting, sibling_plots
 
-        for p in plotting.make_plots(report, d / "plots"):
+        for p in (plotting.make_plots(report, d / "plots") if report["phases"] else []) + \
+                sibling_plots.make_plots(report.get("siblings"), d / "plots"):
             written.append(str(Path(p).relative_to(d)))
     return written
 
@@ -202,6 +210,7 @@ def _log_comparison(client, report: dict[str, Any], d: Path) -> str:
             best = (ph.get("best") or {}).get("loss")
             if best is not None:
                 rows.append((_metric_key(ph["phase"], "best_loss"), best, 0))
+        rows += [(_metric_key(ph, k), v, 0) for ph, k, v in sibling_report.metric_rows(report.get("siblings"))]
         if rows:
             tracking.log_metrics(client, run_id, rows)
         report["comparison_run_id"] = run_id
@@ -350,8 +359,9 @@ def render_table(report: dict[str, Any], md: bool = False) -> str:
            f"95% intervals, bootstrap {s['bootstrap']} resamples (seed {s['seed']})"
            + (", unlearned runs excluded" if s["exclude_unlearned"] else "")
            + (", budgets pooled" if s["pool_budgets"] else ""), ""]
-    out += [f"{h}Phases", "", _grid(*_phase_rows(report), md=md), ""]
-    out += [f"{h}Optimum per batch size", "", _grid(*_optima_rows(report), md=md), ""]
+    if report["phases"]:  # none when every phase is a sibling phase of its own kind
+        out += [f"{h}Phases", "", _grid(*_phase_rows(report), md=md), ""]
+        out += [f"{h}Optimum per batch size", "", _grid(*_optima_rows(report), md=md), ""]
     for ph in report["phases"]:
         out += [f"{h}Phase {ph['phase']}" + ("" if md else ":"), ""]
         bl = ph["baselines"]
@@ -374,6 +384,7 @@ def render_table(report: dict[str, Any], md: bool = False) -> str:
         if ph["warnings"]:
             out += [("- " if md else "  ! ") + w for w in ph["warnings"]]
             out.append("")
+    out += sibling_report.render_lines(report.get("siblings"), lambda h, r: _grid(h, r, md=md), md)
     return "\n".join(out).rstrip() + "\n"
 
 

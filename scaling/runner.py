@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from scaling import tracking
-from scaling.config import ConfigError, RunConfig, clip_text, compile_text, error_line, first_line, say_warmup
+from scaling.config import ConfigError, RunConfig, compile_text, error_line, first_line, say_warmup
 from scaling.data import HUB_CONFIG, Corpus, load_corpus
 from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
 
@@ -39,8 +39,10 @@ class RunOutcome:
     config: RunConfig | None = None
     pruned: bool = False
 
-    def objective(self, metric: str = "final_val_loss") -> float:
-        """The value an analysis or a search minimises: ``inf`` for a diverged run."""
+    def objective(self, metric: str | None = None) -> float:
+        """The value an analysis or a search minimises (default: the phase's ``train.objective``): ``inf`` for
+        a diverged run."""
+        metric = metric or (self.config.phase.train.objective if self.config else "final_val_loss")
         v = self.summary.get(metric)
         return float("inf") if self.diverged or v is None or not math.isfinite(v) else float(v)
 
@@ -52,6 +54,8 @@ class RunOutcome:
             what = (f"final_val_loss={s.get('final_val_loss', float('nan')):.4f} "
                     f"final_train_loss={s.get('final_train_loss', float('nan')):.4f} "
                     f"clip_frequency={s.get('avg_clip_frequency', float('nan')):.3f}")
+            if "final_val_acc" in s:  # a modular run
+                what += f" final_val_acc={s['final_val_acc']:.4f} step_val_acc_99={s.get('step_val_acc_99', 'none')}"
         return f"run {self.run_id} {self.status}: {what}"
 
 
@@ -249,7 +253,7 @@ def quick_gil_handoff(seconds: float | None = None):
 def prepare(cfg: RunConfig, data_dir=None, tracking_uri=None, device: str = "auto"):
     """Check the store, the device and the data before any run exists; print the data mapping."""
     dev = resolve_device(device)
-    corpus = load_corpus(cfg.phase, cfg.seed, data_dir, (cfg.train_split, cfg.val_split))
+    corpus = load_corpus(cfg.phase, cfg.seed, data_dir, (cfg.train_split, cfg.val_split), task=cfg.task)
     client = tracking.connect(tracking_uri)
     # Always said, even in quiet mode: which split trains and which validates is part of the result.
     print(f"data: {corpus.source} (fingerprint {corpus.fingerprint})", file=sys.stderr)
@@ -266,6 +270,8 @@ def _dataset_input(corpus: Corpus, cfg: RunConfig):
         src = HuggingFaceDatasetSource(path="random-tokens", split=corpus.source)
     elif data.dataset == "text":  # read through datasets' own "text" builder
         src = HuggingFaceDatasetSource(path="text", config_name=data.corpus, split=split, data_files=corpus.source)
+    elif corpus.name == "modular":
+        src = HuggingFaceDatasetSource(path="modular-arithmetic", split=corpus.source)
     else:
         src = HuggingFaceDatasetSource(path="wikitext", config_name=HUB_CONFIG[data.dataset], split=split,
                                        data_files=corpus.source)
@@ -284,7 +290,7 @@ def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source:
     if commit:
         tags["git_commit"] = commit
     tags.update(extra_tags or {})
-    name = run_name or f"B{cfg.batch_size}-lr{cfg.lr:g}-clip{clip_text(cfg.clip)}-s{cfg.seed}"
+    name = run_name or cfg.run_name()
     run_id = tracking.with_retry(client.create_run, exp_id, run_name=name, tags=tags).info.run_id
     try:
         _describe_run(client, run_id, cfg, corpus, dev)
@@ -530,6 +536,12 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
     """
     from scaling.batched import timing_metrics, train_group
 
+    if not all(c.batchable for c in cfgs):  # e.g. modular or dropout: one at a time, the same records
+        return [run_config(c, device=device, data_dir=data_dir, tracking_uri=tracking_uri, resume_run_id=r,
+                           progress=progress, source=source, parent_run_id=parent_run_id, extra_tags=t,
+                           on_eval=ev, prepared=prepared)
+                for c, r, t, ev in zip(cfgs, resume_run_ids or [None] * len(cfgs), extra_tags or [None] * len(cfgs),
+                                       on_evals or [None] * len(cfgs))]
     n = len(cfgs)
     client, dev, corpus = prepared or prepare(cfgs[0], data_dir, tracking_uri, device)
     resume_run_ids = resume_run_ids or [None] * n

@@ -68,9 +68,10 @@ class BatchSizeSearch:
     grid_best: tuple[float, float] | None = None
     lower: float | None = None  # the worse LRs that bracket the best
     upper: float | None = None
+    objective: str = "final_val_loss"
 
     def line(self) -> str:
-        best = "none" if self.best_lr is None else f"{self.best_lr:.4g} (final_val_loss {self.best_loss:.4f})"
+        best = "none" if self.best_lr is None else f"{self.best_lr:.4g} ({self.objective} {self.best_loss:.4f})"
         if self.stop_reason == "bracketed":
             why = f"BRACKETED: worse at lr {self.lower:.4g} and {self.upper:.4g}"
         elif self.stop_reason == "limit":
@@ -237,6 +238,8 @@ def default_search_id(phase: Phase, splits) -> str:
     for k in ("batch_size", "lr", "steps", "warmup_steps", "tokens_per_step"):
         ref.pop(k)
     ref["budget"] = phase.train.budget
+    if phase.train.objective != "final_val_loss":  # a study minimises one objective
+        ref["objective"] = phase.train.objective
     blob = json.dumps(ref, sort_keys=True, default=str)
     return f"{phase.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
@@ -430,7 +433,7 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
         n_pruned=sum(t.state == S.PRUNED for t in trials_),
         n_diverged=sum(bool(t.user_attrs.get("diverged")) for t in trials_),
         n_reused=sum("reused_run_id" in t.user_attrs for t in study.get_trials(deepcopy=False)),
-        grid_best=best_grid, lower=an.lower, upper=an.upper)
+        grid_best=best_grid, lower=an.lower, upper=an.upper, objective=phase.train.objective)
 
 
 def _evaluate(study, trials: list, phase: Phase, b: int, *, splits, client, exp_id, parent, search_id, objective_fn,

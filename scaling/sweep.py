@@ -256,7 +256,7 @@ class Heartbeat:
 
 def plan(phase: Phase, splits: tuple[str, str] = ("train", "valid")) -> list[RunConfig]:
     """Every configuration of the phase's grid, resolved (raises ConfigError on bad input)."""
-    return [phase.run_config(b, lr, clip, seed, splits=splits) for b, lr, clip, seed in phase.grid_points()]
+    return phase.run_configs(splits)
 
 
 def sweep_id_for(cfgs: Sequence[RunConfig]) -> str:
@@ -266,7 +266,7 @@ def sweep_id_for(cfgs: Sequence[RunConfig]) -> str:
 
 
 def label(cfg: RunConfig) -> str:
-    return f"B{cfg.batch_size} lr={cfg.lr:g} clip={clip_text(cfg.clip)} seed={cfg.seed}"
+    return f"B{cfg.batch_size} lr={cfg.lr:g} clip={clip_text(cfg.clip)} seed={cfg.seed}{cfg.variant_text()}"
 
 
 @dataclass
@@ -278,7 +278,7 @@ class ConfigResult:
     seed: int
     state: str  # FINISHED | DIVERGED | FAILED | PENDING
     run_id: str | None = None
-    loss: float = float("nan")  # final_val_loss; inf when diverged
+    loss: float = float("nan")  # the phase's objective (train.objective); inf when diverged
     end_time: int | None = None  # ms
     learned: bool | None = None  # below the unigram baseline (the run's `learned` tag); None: not known
 
@@ -308,7 +308,7 @@ def classify(cfg: RunConfig, runs: list, retry_failed: bool = False, session_sta
     if finished:
         r = finished[0]
         res.state, res.run_id, res.end_time = "FINISHED", r.info.run_id, r.info.end_time
-        res.loss = r.data.metrics.get("final_val_loss", float("nan"))
+        res.loss = r.data.metrics.get(cfg.phase.train.objective, float("nan"))
         res.learned = {"true": True, "false": False}.get(r.data.tags.get(tracking.TAG_LEARNED, ""))
         return res
     if diverged:
@@ -334,7 +334,7 @@ def grid_status(client, exp_id: str, cfgs: Sequence[RunConfig], retry_failed: bo
 
 
 def best_lr_by_batch_size(results) -> dict[int, tuple[float, float]]:
-    """Per batch size: (LR, loss) of the lowest finite final_val_loss among finished configs."""
+    """Per batch size: (LR, loss) of the lowest finite objective (train.objective) among finished configs."""
     best: dict[int, tuple[float, float]] = {}
     for r in results:
         if r.state == "FINISHED" and math.isfinite(r.loss):
@@ -411,6 +411,7 @@ def shared_params(cfg: RunConfig, phase: Phase) -> dict:
     for k in ("batch_size", "lr", "grad_clip", "seed", "tokens_per_step", "steps", "warmup_steps"):
         p.pop(k)
     g = phase.grid
+    p = phase.variant_grid_params(p)
     p["grid_batch_sizes"] = ",".join(map(str, g.batch_sizes))
     p["grid_lrs"] = (",".join(f"B{b}:{lr:g}" for b, lr in g.lr_by_batch_size) if g.lr_by_batch_size
                      else ",".join(f"{lr:g}" for lr in g.lrs))
@@ -518,8 +519,8 @@ def _resume_target(client, runs: list, previous_owner: str | None, me: str) -> t
 
 
 def data_key(cfg: RunConfig):
-    """Configs with the same key train on the same corpus (random tokens depend on the seed)."""
-    return cfg.seed if cfg.phase.data.dataset == "random" else None
+    """Configs with the same key train on the same corpus and can train together: one architecture."""
+    return cfg.corpus_key(), cfg.phase.model
 
 
 def train_sequential(items: list[WorkItem], ctx: SweepContext, prepared: dict) -> list[WorkResult]:
@@ -676,6 +677,7 @@ class SweepSummary:
     trained_now: int = 0  # configs that reached a terminal state during this invocation
     busy_elsewhere: int = 0
     launcher_run_id: str | None = None
+    objective: str = "final_val_loss"
 
     def count(self, state: str) -> int:
         return sum(r.state == state for r in self.results)
@@ -689,7 +691,7 @@ class SweepSummary:
         return best_lr_by_batch_size(self.results)
 
     def losses(self) -> dict[tuple[int, float, float | None, int], float]:
-        """(batch_size, lr, clip, seed) → final_val_loss; inf for diverged (for analysis)."""
+        """(batch_size, lr, clip, seed) → the objective; inf for diverged (for analysis)."""
         return {(r.batch_size, r.lr, r.clip, r.seed): r.loss for r in self.results if r.state in ("FINISHED", "DIVERGED")}
 
     def lines(self) -> list[str]:
@@ -708,7 +710,7 @@ class SweepSummary:
                 edge = "  (on the grid's edge: try `scaling search`)"
             if not any(r.learned is not False for r in finished if r.batch_size == b):
                 edge = "  (no run at this batch size learned)"
-            out.append(f"  best LR at B={b}: {lr:g} (final_val_loss {loss:.4f}){edge}")
+            out.append(f"  best LR at B={b}: {lr:g} ({self.objective} {loss:.4f}){edge}")
         if self.count("FAILED"):
             out.append("  failed configs are rerun with --retry-failed")
         if self.busy_elsewhere:
@@ -790,7 +792,8 @@ def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tupl
         bar.update(status)
         bar.close()
     summary = SweepSummary(sweep_id=sweep_id, parent_run_id=parent, phase=phase.name, storage=safe_url(storage),
-                           results=list(status.values()), busy_elsewhere=len(busy), launcher_run_id=launcher)
+                           results=list(status.values()), busy_elsewhere=len(busy), launcher_run_id=launcher,
+                           objective=phase.train.objective)
     summary.trained_now = sum(1 for r in summary.results if r.end_time and r.end_time >= session_start_ms
                               and r.state != "PENDING")
     finalize_parent(client, parent, summary)

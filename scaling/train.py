@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from scaling.config import RunConfig
 from scaling.data import BatchSampler, Corpus, validation_batches
@@ -108,6 +109,29 @@ def make_optimizer(model: NanoTransformer, cfg: RunConfig, device: torch.device)
                              fused=device.type == "cuda")
 
 
+def forward_backward(model: NanoTransformer, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
+                     autocast) -> torch.Tensor:
+    """Accumulate the batch's gradient in ``train.grad_accum`` equal micro-batches (the mean of their mean
+    losses: the whole batch's gradient) with ``train.label_smoothing``; returns the batch's mean loss
+    *without* smoothing (what is reported), detached."""
+    t = cfg.phase.train
+    if t.grad_accum == 1 and t.label_smoothing == 0:
+        with autocast():
+            loss = model.loss(x, y)
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros((), device=x.device)
+    for xs, ys in zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum)):
+        with autocast():
+            logits = model(xs)
+        logits, targets = logits.float().flatten(0, 1), ys.reshape(-1)
+        loss = F.cross_entropy(logits, targets, label_smoothing=t.label_smoothing)
+        (loss / t.grad_accum).backward()
+        plain = F.cross_entropy(logits.detach(), targets) if t.label_smoothing else loss.detach()
+        total += plain / t.grad_accum
+    return total
+
+
 @torch.no_grad()
 def evaluate(model: NanoTransformer, batches, autocast) -> torch.Tensor:
     """Mean validation loss over the fixed batches, as a device scalar."""
@@ -148,6 +172,10 @@ class RunStats:
 def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | None = None,
           resume_state: dict | None = None) -> TrainResult:
     """Train ``cfg`` on ``corpus`` (already on ``device``); resume from a checkpoint state if given."""
+    if cfg.task is not None:  # a modular (grokking) configuration: its own loop
+        from scaling import grokking
+
+        return grokking.train(cfg, corpus, device, hooks, resume_state)
     hooks = hooks or Hooks()
     t = cfg.phase.train
     model = build_model(cfg.phase.model, cfg.seed).to(device)
@@ -194,17 +222,15 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = sampler.batch(step)
-            with autocast():
-                loss = model.loss(x, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = forward_backward(model, x, y, cfg, autocast)
             before = torch.nn.utils.clip_grad_norm_(params, clip)
-            _, row = clip_stats(loss.detach(), before, clip)
+            _, row = clip_stats(loss, before, clip)
             stats.interval += row
             stats.total += row
             stats.n_interval += 1
             if step >= window_start:
-                stats.final_losses[step - window_start] = loss.detach()
+                stats.final_losses[step - window_start] = loss
             opt.step()
             hooks.on_step(step + 1)
             done = step + 1
