@@ -94,6 +94,12 @@ class TrainConfig:
     log_interval: int = 50
     checkpoint_every: int = 1000
     seeds: tuple[int, ...] = (0,)
+    # Gradient-noise measurement (scaling.noise): at logging steps at least noise_interval steps apart
+    # (0: none), on the step's batch split into micro-batches of noise_microbatch sequences; tail_index
+    # adds the noise's tail index. Measuring leaves training unchanged, so none of it is in config_hash.
+    noise_interval: int = 0
+    noise_microbatch: int = 1
+    tail_index: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class Phase:
             clip = self.grid.clips[0] if self.grid.clips else None
         seed = self.train.seeds[0] if seed is None else seed
         _check_run_values(batch_size, lr, clip, seed)
+        _check_noise(self.train, batch_size)
         _check_splits(self, splits)
         steps, warmup_steps = _budget_to_steps(self, batch_size)
         return RunConfig(phase=self, batch_size=int(batch_size), lr=float(lr),
@@ -437,6 +444,28 @@ def _check_phase(p: Phase) -> None:
             _positive("grad_clip", c)
     for b in g.batch_sizes:  # every grid point must resolve to >= 1 step
         _budget_to_steps(p, b)
+    _check_noise(t)
+    for b in g.batch_sizes:
+        _check_noise(t, b)
+
+
+def _check_noise(t: TrainConfig, batch_size: int | None = None) -> None:
+    """The noise options alone, or whether they can measure a run of ``batch_size``: its micro-batches
+    must split it evenly, at least two of them (the noise scale compares micro-batches)."""
+    if batch_size is None:
+        if not (isinstance(t.noise_interval, int) and not isinstance(t.noise_interval, bool)) or t.noise_interval < 0:
+            raise ConfigError(f"train.noise_interval must be an integer >= 0 (0: no noise measurement), "
+                              f"got {t.noise_interval!r}")
+        positive_int("train.noise_microbatch", t.noise_microbatch)
+        if not isinstance(t.tail_index, bool):
+            raise ConfigError(f"train.tail_index must be true or false, got {t.tail_index!r}")
+        if t.tail_index and not t.noise_interval:
+            raise ConfigError("train.tail_index needs train.noise_interval > 0 (it is measured with the noise scale)")
+        return
+    b = t.noise_microbatch
+    if t.noise_interval and (batch_size % b or batch_size // b < 2):
+        raise ConfigError(f"train.noise_microbatch ({b}) must split batch_size {batch_size} into at least 2 "
+                          f"equal micro-batches; set train.noise_interval: 0 to measure no gradient noise")
 
 
 def n_params_estimate(m: ModelConfig) -> int:
