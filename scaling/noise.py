@@ -388,9 +388,10 @@ class NoiseTracker:
     def summary(self, steps_done: int) -> dict[str, float]:
         """``b_noise<sfx>`` (the final EMA ratio), ``b_noise<sfx>_median`` (median of the EMA ratio over
         the measurements of the second half of training), ``tail_index_alpha`` (median over tensors and
-        measurements) with ``tail_index_alpha_q25`` / ``_q75`` and ``tail_index_n``, ``gns_measurements``,
-        ``gns_microbatch``. Undefined values are left out."""
-        s: dict[str, float] = {"gns_measurements": float(len(self.steps)), "gns_microbatch": float(self.microbatch)}
+        measurements) with ``tail_index_alpha_q25`` / ``_q75`` and ``tail_index_n``, and how it was measured:
+        ``gns_measurements``, ``gns_microbatch``, ``gns_interval``. Undefined values are left out."""
+        s: dict[str, float] = {"gns_measurements": float(len(self.steps)), "gns_microbatch": float(self.microbatch),
+                               "gns_interval": float(self.interval)}
         late = [i for i, st in enumerate(self.steps) if st > steps_done / 2]
         for sfx, rs in self.ratios.items():
             final = self._ratio(sfx)

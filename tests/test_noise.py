@@ -238,7 +238,7 @@ def test_tracker_skips_undefined_ratios_and_non_finite_measurements():
     tr = noise.NoiseTracker(interval=1)
     m = tr.update(1, {"grad_sq": -2.0, "trace": 5.0, "grad_sq_adam": math.nan, "trace_adam": 1.0})
     assert "gns_b_simple" not in m and "gns_grad_sq_adam" not in m and m["gns_grad_sq"] == -2.0
-    assert tr.summary(1) == {"gns_measurements": 1.0, "gns_microbatch": 1.0}
+    assert tr.summary(1) == {"gns_measurements": 1.0, "gns_microbatch": 1.0, "gns_interval": 1.0}
 
 
 def test_tracker_cadence_at_logging_steps_at_least_interval_apart():
