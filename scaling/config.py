@@ -137,7 +137,6 @@ class Phase:
             clip = self.grid.clips[0] if self.grid.clips else None
         seed = self.train.seeds[0] if seed is None else seed
         _check_run_values(batch_size, lr, clip, seed)
-        _check_noise(self.train, batch_size)
         _check_splits(self, splits)
         steps, warmup_steps = _budget_to_steps(self, batch_size)
         return RunConfig(phase=self, batch_size=int(batch_size), lr=float(lr),
@@ -205,6 +204,14 @@ class RunConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.phase.model.context_length
+
+    @property
+    def measures_noise(self) -> bool:
+        """Whether this run measures gradient noise: the phase asks for it and its batch splits into at least
+        two micro-batches of ``noise_microbatch`` (every batch size of the grid does; one outside it may not)."""
+        t = self.phase.train
+        return t.noise_interval > 0 and self.batch_size % t.noise_microbatch == 0 \
+            and self.batch_size // t.noise_microbatch >= 2
 
     def to_params(self) -> dict[str, Any]:
         """Flat, stable parameter names: the same for every run of every phase (MLflow params)."""
@@ -450,7 +457,7 @@ def _check_phase(p: Phase) -> None:
 
 
 def _check_noise(t: TrainConfig, batch_size: int | None = None) -> None:
-    """The noise options alone, or whether they can measure a run of ``batch_size``: its micro-batches
+    """The noise options alone, or whether they can measure the grid's ``batch_size``: its micro-batches
     must split it evenly, at least two of them (the noise scale compares micro-batches)."""
     if batch_size is None:
         if not (isinstance(t.noise_interval, int) and not isinstance(t.noise_interval, bool)) or t.noise_interval < 0:

@@ -230,7 +230,7 @@ def microbatch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
         return torch.func.functional_call(wrapped, {"model." + n: p for n, p in zip(names, ps)}, (xb, yb))
 
     per_micro = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0, 0))
-    per_grad = 4 * sum(p.numel() for p in params)
+    per_grad = sum(p.numel() * p.element_size() for p in params)
     chunk = max(1, min(k, max_chunk_bytes // max(per_grad, 1)))
     with sdpa_kernel(SDPBackend.MATH):
         for i in range(0, k, chunk):

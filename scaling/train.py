@@ -158,7 +158,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
     window = final_window(cfg.steps)
     window_start = cfg.steps - window
     stats = _Stats(device, window)
-    noise = (NoiseTracker(t.noise_interval, t.noise_microbatch, t.tail_index) if t.noise_interval else None)
+    noise = NoiseTracker(t.noise_interval, t.noise_microbatch, t.tail_index) if cfg.measures_noise else None
     val_history: list[tuple[int, float]] = []
     start = 0
     if resume_state is not None:
