@@ -157,6 +157,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step: the batch size is the effective batch, micro-batch x grad_accum
     label_smoothing: float = 0.0  # of the training loss only (validation losses are never smoothed)
     objective: str = "final_val_loss"  # what a search and a sweep's best LR minimise (OBJECTIVES)
+    # Gradient-noise measurement (scaling.noise): at logging steps at least noise_interval steps apart
+    # (0: none), on the step's batch split into micro-batches of noise_microbatch sequences; tail_index
+    # adds the noise's tail index. Measuring leaves training unchanged, so none of it is in config_hash.
+    noise_interval: int = 0
+    noise_microbatch: int = 1
+    tail_index: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,6 +369,13 @@ class RunConfig:
     def run_name(self) -> str:
         name = f"B{self.batch_size}-lr{self.lr:g}-clip{clip_text(self.clip)}-s{self.seed}"
         return name + "".join("-" + part.split("=")[1] for part in self.variant_text().split())
+
+    def measures_noise(self) -> bool:
+        """Whether this run measures gradient noise: the phase asks for it and its batch splits into at least
+        two micro-batches of ``noise_microbatch`` (every batch size of the grid does; one outside it may not)."""
+        t = self.phase.train
+        return t.noise_interval > 0 and self.batch_size % t.noise_microbatch == 0 \
+            and self.batch_size // t.noise_microbatch >= 2
 
     def to_params(self) -> dict[str, Any]:
         """Flat, stable parameter names: the same for every run of every phase (MLflow params)."""
@@ -828,6 +841,28 @@ def _check_modular_batches(p: Phase, task: str, batches) -> None:
     if max(batches) > n:
         raise ConfigError(f"batch size {max(batches)} exceeds the {n} training examples of {task} "
                           f"(modulus {p.data.modulus}, train fraction {p.data.train_fraction:g})")
+    _check_noise(t)
+    for b in g.batch_sizes:
+        _check_noise(t, b)
+
+
+def _check_noise(t: TrainConfig, batch_size: int | None = None) -> None:
+    """The noise options alone, or whether they can measure the grid's ``batch_size``: its micro-batches
+    must split it evenly, at least two of them (the noise scale compares micro-batches)."""
+    if batch_size is None:
+        if not (isinstance(t.noise_interval, int) and not isinstance(t.noise_interval, bool)) or t.noise_interval < 0:
+            raise ConfigError(f"train.noise_interval must be an integer >= 0 (0: no noise measurement), "
+                              f"got {t.noise_interval!r}")
+        positive_int("train.noise_microbatch", t.noise_microbatch)
+        if not isinstance(t.tail_index, bool):
+            raise ConfigError(f"train.tail_index must be true or false, got {t.tail_index!r}")
+        if t.tail_index and not t.noise_interval:
+            raise ConfigError("train.tail_index needs train.noise_interval > 0 (it is measured with the noise scale)")
+        return
+    b = t.noise_microbatch
+    if t.noise_interval and (batch_size % b or batch_size // b < 2):
+        raise ConfigError(f"train.noise_microbatch ({b}) must split batch_size {batch_size} into at least 2 "
+                          f"equal micro-batches; set train.noise_interval: 0 to measure no gradient noise")
 
 
 def n_params_estimate(m: ModelConfig) -> int:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from scaling.config import RunConfig
 from scaling.data import BatchSampler, Corpus, validation_batches
 from scaling.model import NanoTransformer, build_model, decay_mask
+from scaling.noise import NoiseTracker
 
 FINAL_WINDOW_FRACTION = 0.1  # final_train_loss / train_loss_std are over the last 10% of steps
 CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grad_norm_
@@ -188,6 +189,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
     window = final_window(cfg.steps)
     window_start = cfg.steps - window
     stats = RunStats(device, window)
+    noise = NoiseTracker(t.noise_interval, t.noise_microbatch, t.tail_index) if cfg.measures_noise else None
     val_history: list[tuple[int, float]] = []
     start = 0
     if resume_state is not None:
@@ -196,6 +198,8 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
         stats.load(resume_state["stats"], device)
         val_history = list(resume_state["val_history"])
         start = resume_state["step"]
+        if noise is not None and resume_state.get("noise"):  # a batched engine's checkpoint has none
+            noise.load_state_dict(resume_state["noise"])
         torch.random.set_rng_state(resume_state["rng_cpu"])
         if device.type == "cuda" and resume_state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(resume_state["rng_cuda"])
@@ -204,6 +208,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
     def checkpoint_state(step: int) -> dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "stats": stats.state(), "val_history": list(val_history), "config_hash": cfg.config_hash(),
+                "noise": noise.state_dict() if noise is not None else None,
                 "rng_cpu": torch.random.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
 
@@ -222,6 +227,10 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = sampler.batch(step)
+            # the step's own batch at the parameters it updates, before the update (leaves .grad and RNG alone)
+            noise_metrics = (noise.measure(step + 1, model, opt, x, y, autocast, cfg.seed)
+                             if noise is not None and noise.due(step + 1, due(step + 1, t.log_interval, cfg.steps))
+                             else {})
             opt.zero_grad(set_to_none=True)
             loss = forward_backward(model, x, y, cfg, autocast)
             before = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -243,6 +252,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
                 metrics = dict(zip(LOG_METRICS, means))
                 metrics["lr"] = lr
                 metrics["tokens_per_s"] = (done - tokens_last) * cfg.tokens_per_step / max(now - t_last, 1e-9)
+                metrics.update(noise_metrics)
                 t_last, tokens_last = now, done
                 stats.interval.zero_()
                 stats.n_interval = 0
@@ -257,12 +267,12 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
         status = "PRUNED"
     steps_done = step + 1 if status != "FINISHED" else cfg.steps
     return TrainResult(status=status, steps_done=steps_done, n_params=n_params,
-                       summary=summarize(cfg, stats, val_history, steps_done, status, n_params, corpus),
+                       summary=summarize(cfg, stats, val_history, steps_done, status, n_params, corpus, noise),
                        val_history=val_history)
 
 
 def summarize(cfg: RunConfig, stats: RunStats, val_history, steps_done: int, status: str, n_params: int,
-              corpus: Corpus) -> dict[str, float]:
+              corpus: Corpus, noise: NoiseTracker | None = None) -> dict[str, float]:
     """A run's summary metrics: parameters, tokens seen, the corpus's baselines and, unless it diverged, the
     mean clip metrics over its steps, its validation-loss history's final / minimum / rise and, if it
     finished, the mean and spread of its final window's training losses."""
@@ -280,6 +290,8 @@ def summarize(cfg: RunConfig, stats: RunStats, val_history, steps_done: int, sta
         i = min(range(len(vals)), key=vals.__getitem__)
         s.update(final_val_loss=vals[-1], min_val_loss=vals[i], min_val_loss_step=val_history[i][0],
                  val_loss_rise=vals[-1] - vals[i])
+    if noise is not None:
+        s.update(noise.summary(steps_done))
     if status == "FINISHED":
         fl = stats.final_losses
         s.update(final_train_loss=float(fl.mean()), train_loss_std=float(fl.std()) if len(fl) > 1 else 0.0)

@@ -21,8 +21,8 @@ def corpus(tiny_text_phase):
     return phase, load_corpus(phase, 0, TINY_TEXT, ("valid", "test"))
 
 
-def _run(phase, corpus, lr=3e-3, clip=1.0, steps=20, resume_state=None, **over):
-    cfg = phase.with_overrides(steps=steps, **over).run_config(8, lr, clip, splits=("valid", "test"))
+def _run(phase, corpus, lr=3e-3, clip=1.0, steps=20, resume_state=None, batch_size=8, **over):
+    cfg = phase.with_overrides(steps=steps, **over).run_config(batch_size, lr, clip, splits=("valid", "test"))
     logs, evals, ckpts = [], [], []
     hooks = Hooks(on_log=lambda s, m: logs.append((s, m)), on_eval=lambda s, v: evals.append((s, v)),
                   on_checkpoint=lambda s, st: ckpts.append((s, copy.deepcopy(st))))  # state holds live tensors
@@ -112,3 +112,52 @@ def test_resume_from_checkpoint_is_identical_to_uninterrupted(corpus):
     strip = lambda rows: [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in rows if s > 10]
     assert strip(logs) == strip(full_logs)
     assert resumed.summary == full.summary
+
+
+NOISE_KEYS = ("gns_", "tail_", "b_noise")
+
+
+@pytest.fixture
+def noisy_phase(tmp_path, corpus):
+    """The tiny phase measuring gradient noise at every logging step (5), per sequence, with the tail index."""
+    from conftest import TINY_TEXT_PHASE
+    p = tmp_path / "noisy.yaml"
+    p.write_text(TINY_TEXT_PHASE.replace("seeds: [0]}", "seeds: [0], noise_interval: 5, noise_microbatch: 1, "
+                                                        "tail_index: true}"))
+    return load_phase(phase_file=p), corpus[1]
+
+
+def _without_noise(rows):
+    return [(s, {k: v for k, v in m.items() if k != "tokens_per_s" and not k.startswith(NOISE_KEYS)}) for s, m in rows]
+
+
+def test_noise_measurement_leaves_the_training_trajectory_unchanged(corpus, noisy_phase):
+    phase, c = corpus
+    noisy, _ = noisy_phase
+    assert noisy.run_config(16, 3e-3).config_hash() == phase.run_config(16, 3e-3).config_hash()
+    _, off, off_logs, off_evals, _ = _run(phase, c, batch_size=16)
+    _, on, on_logs, on_evals, _ = _run(noisy, c, batch_size=16)
+    assert _without_noise(on_logs) == _without_noise(off_logs) and on_evals == off_evals
+    assert {k: v for k, v in on.summary.items() if not k.startswith(NOISE_KEYS)} == off.summary
+    assert not any(k.startswith(NOISE_KEYS) for _, m in off_logs for k in m)
+    for _, m in on_logs:  # every logging step measured: K = 16 micro-batches of one sequence
+        assert {"gns_grad_sq", "gns_trace", "gns_grad_sq_adam", "gns_trace_adam", "tail_alpha"} <= set(m)
+        assert m["gns_trace"] > 0 and 0.5 < m["tail_alpha"] < 2.5
+    s = on.summary
+    assert s["gns_measurements"] == 4 and s["gns_microbatch"] == 1 and s["b_noise"] > 0
+    assert s["tail_index_alpha_q25"] <= s["tail_index_alpha"] <= s["tail_index_alpha_q75"]
+    assert {"b_noise_median", "b_noise_adam", "b_noise_adam_update", "tail_index_n"} <= set(s)
+
+
+def test_resume_with_noise_measurement_is_identical_to_uninterrupted(noisy_phase):
+    phase, c = noisy_phase
+    _, full, full_logs, _, ckpts = _run(phase, c, steps=20, batch_size=16)
+    mid = next(st for s, st in ckpts if s == 10)
+    assert mid["noise"]["steps"] == [5, 10]
+    _, resumed, logs, _, _ = _run(phase, c, steps=20, batch_size=16, resume_state=mid)
+    strip = lambda rows: [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in rows if s > 10]
+    assert strip(logs) == strip(full_logs)
+    assert resumed.summary == full.summary
+    no_noise = dict(mid, noise=None)  # a checkpoint without noise state (the batched engine's) resumes too
+    _, again, _, _, _ = _run(phase, c, steps=20, batch_size=16, resume_state=no_noise)
+    assert again.summary["gns_measurements"] == 2
