@@ -734,6 +734,9 @@ def _check_phase(p: Phase) -> None:
             _positive("grad_clip", c)
     _check_training_options(p)
     _check_variants(p)
+    _check_noise(t)
+    for b in g.batch_sizes:
+        _check_noise(t, b)
     for b in g.batch_sizes:  # every grid point must resolve to >= 1 step, at every model size
         for size in g.model_sizes or (None,):
             _budget_to_steps(p if size is None else dataclasses.replace(p, model=dataclasses.replace(
@@ -841,9 +844,6 @@ def _check_modular_batches(p: Phase, task: str, batches) -> None:
     if max(batches) > n:
         raise ConfigError(f"batch size {max(batches)} exceeds the {n} training examples of {task} "
                           f"(modulus {p.data.modulus}, train fraction {p.data.train_fraction:g})")
-    _check_noise(t)
-    for b in g.batch_sizes:
-        _check_noise(t, b)
 
 
 def _check_noise(t: TrainConfig, batch_size: int | None = None) -> None:
