@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -359,13 +360,15 @@ def _optimum_row(key, g: dict[str, np.ndarray], obs: tuple, window: int, overfit
     epochs = float(best["epochs"])
     row.update({
         "status": "single LR" if censored == "single LR" else "ok", "censored": censored,
-        "grid_res_se": float(sum(half) / math.sqrt(12)), "bound_lr": math.exp(bound) if np.isfinite(bound) else math.nan,
+        "grid_res_se": float(sum(half) / math.sqrt(12)),
+        "bound_lr": math.exp(bound) if np.isfinite(bound) else math.nan,
         "argmin_lr": float(lrs[i]), "argmin_loss": float(losses[i]), "argmin_loss_std": float(best["loss_std"]),
         "argmin_n": int(best["n_runs"]), "argmin_n_diverged": int(best["n_diverged"]),
         "clip_frequency": float(best["avg_clip_frequency"]), "regime": regime(best["avg_clip_frequency"]),
         "grad_clip": float(best["grad_clip"]), "learned": best["learned"],
         "val_loss_rise": float(best["val_loss_rise"]),
-        "overfitting": None if not np.isfinite(best["val_loss_rise"]) else bool(best["val_loss_rise"] > overfit_threshold),
+        "overfitting": (None if not np.isfinite(best["val_loss_rise"])
+                        else bool(best["val_loss_rise"] > overfit_threshold)),
         "epochs": epochs, "repeated_data": None if not np.isfinite(epochs) else bool(epochs > MAX_EPOCHS),
         "argmin_run_ids": best["run_ids"],
     })
@@ -410,10 +413,10 @@ def estimate_points(optima: pd.DataFrame, estimator: str = "vertex") -> pd.DataF
     """The per-batch-size values the fits use (one series' optima): ``batch_size, budget_label,
     x = ln B, y = ln LR_opt, se`` (its standard error: the vertex's, NaN for a vertex without
     replicates; for a grid argmin the SD of a uniform over a grid cell, the series' median cell, so
-    that a slightly uneven grid does not weight its argmins unevenly), ``censored``, ``edge_y`` (ln of the argmin LR; the value
-    the ``all`` fit uses for a censored point), ``bound_y`` (ln of the bound a censored optimum lies
-    beyond), ``from`` (``vertex``/``argmin``), ``vertex_y, vertex_se`` (for the law comparison),
-    ``learned``. ``vertex``: the vertex where it exists, else the argmin; ``argmin``: the argmin."""
+    that a slightly uneven grid does not weight its argmins unevenly), ``censored``, ``edge_y`` (ln
+    of the argmin LR; the value the ``all`` fit uses for a censored point), ``bound_y`` (ln of the
+    bound a censored optimum lies beyond), ``from`` (``vertex``/``argmin``), ``vertex_y,
+    vertex_se`` (for the law comparison), ``learned``. ``vertex``: the vertex where it exists, else the argmin; ``argmin``: the argmin."""
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     ok = optima[optima["status"].to_numpy() == "ok"]
@@ -529,8 +532,7 @@ def theory_comparison(ci: Iterable[float] | None, alpha: float | None = None) ->
     lo, hi = (list(ci or []) + [math.nan, math.nan])[:2]
     theories = list(THEORY)
     if alpha is not None and np.isfinite(alpha) and alpha > 0:
-        theories.append(("tail_index", 1 - 1 / alpha, f"measured tail index alpha = {alpha:.3g} "
-                         f"(beta = 1 - 1/alpha)"))
+        theories.append(("tail_index", 1 - 1 / alpha, f"measured tail index alpha = {alpha:.3g} (beta = 1 - 1/alpha)"))
     known = lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi))
     return [{"name": name, "beta": beta, "description": what,
              "excluded": (not (lo <= beta <= hi)) if known else None} for name, beta, what in theories]
@@ -622,7 +624,7 @@ class CensoredData:
     se2: np.ndarray
 
     @classmethod
-    def from_points(cls, pts: pd.DataFrame) -> "CensoredData":
+    def from_points(cls, pts: pd.DataFrame) -> CensoredData:
         c = pts["censored"].to_numpy()
         cens = np.array([1 if v == "high" else -1 if v == "low" else 0 for v in c], int)
         y = np.where(cens == 0, pts["y"].to_numpy(float), pts["bound_y"].to_numpy(float))
@@ -1164,9 +1166,9 @@ def analyze(runs: pd.DataFrame, metric: str = "final_val_loss", estimator: str =
     optimum. Raises ConfigError for a bad metric/estimator/budget, or a phase mixing budgets with
     neither option."""
     with _single_threaded_blas():
-        opts = dict(metric=metric, estimator=estimator, exclude_unlearned=exclude_unlearned, bootstrap=bootstrap,
-                    seed=seed, window=window, overfit_threshold=overfit_threshold, confidence=confidence,
-                    law_points=law_points)
+        opts = {"metric": metric, "estimator": estimator, "exclude_unlearned": exclude_unlearned,
+                "bootstrap": bootstrap, "seed": seed, "window": window, "overfit_threshold": overfit_threshold,
+                "confidence": confidence, "law_points": law_points}
         df, order = _checked_runs(runs, metric, estimator, bootstrap, pool_budgets, phases, budget)
         results = []
         for p in order:
@@ -1316,9 +1318,9 @@ def phase_warnings(ph: dict[str, Any], overfit_threshold: float, exclude_unlearn
     ok = [o for o in ph["optima"] if o["status"] == "ok"]
     fa, fc = ph["fits"]["all"], ph["fits"]["censored"]
     bl = f" {ph['baselines']['unigram']:.3f}" if ph["baselines"].get("unigram") is not None else ""
-    warn = [f"{len(ph['clip_flags'])} run(s) have inconsistent clip metrics (e.g. B={ph['clip_flags'][0]['batch_size']} "
-            f"lr={ph['clip_flags'][0]['lr']:g}: {ph['clip_flags'][0]['problem']}); the regime read from them is suspect"
-            ] if ph["clip_flags"] else []
+    flags = ph["clip_flags"]
+    warn = [(f"{len(flags)} run(s) have inconsistent clip metrics (e.g. B={flags[0]['batch_size']} "
+             f"lr={flags[0]['lr']:g}: {flags[0]['problem']}); the regime read from them is suspect")] if flags else []
     if ph["needs_search_past_edge"]:
         warn.append("optimum on the edge of the LR grid (censored) for " + ", ".join(
             f"B={d['batch_size']} ({d['direction']}, edge {d['edge_lr']:g}: beyond {d['bound_lr']:.3g})"
