@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -1143,6 +1143,10 @@ def _single_threaded_blas():
     return threadpool_limits(1, user_api="blas")
 
 
+#: An extra per-phase analysis: (the series' normalized runs, its result so far) → a JSON-ready dict or None.
+SectionFn = Callable[[pd.DataFrame, dict[str, Any]], dict[str, Any] | None]
+
+
 def fit_series(points: pd.DataFrame, estimator: str = "vertex", bootstrap: int = 0, seed: int = 0,
                confidence: float = 0.95, alpha: float | None = None, law_points: str = "uncensored",
                loo: bool = True) -> dict[str, Any]:
@@ -1158,13 +1162,15 @@ def analyze(runs: pd.DataFrame, metric: str = "final_val_loss", estimator: str =
             exclude_unlearned: bool = False, pool_budgets: bool = False, bootstrap: int = 0,
             seed: int = 0, window: int = 1, overfit_threshold: float = 0.05, confidence: float = 0.95,
             law_points: str = "uncensored", phases: list[str] | None = None,
-            budget: str | None = None) -> dict[str, Any]:
+            budget: str | None = None, sections: dict[str, SectionFn] | None = None) -> dict[str, Any]:
     """The whole analysis of a runs table, JSON-ready (NaN/inf → None; see docs/compare-schema.md):
     ``{"phases": [...], "comparison": [...], "optima": [...]}`` plus the per-(phase, B, LR) grid
     under each phase's ``grid``. ``budget`` keeps only the runs of that budget (``kind=value`` or a
     value); ``pool_budgets`` fits a phase's budgets together, each (batch size, budget) its own
-    optimum. Raises ConfigError for a bad metric/estimator/budget, or a phase mixing budgets with
-    neither option."""
+    optimum. ``sections``: extra per-phase analyses, name → function(the series' runs, its result)
+    returning a JSON-ready dict (or None: no section), stored under the phase's ``sections``.
+    Raises ConfigError for a bad metric/estimator/budget, or a phase mixing budgets with neither
+    option."""
     with _single_threaded_blas():
         opts = {"metric": metric, "estimator": estimator, "exclude_unlearned": exclude_unlearned,
                 "bootstrap": bootstrap, "seed": seed, "window": window, "overfit_threshold": overfit_threshold,
@@ -1174,8 +1180,13 @@ def analyze(runs: pd.DataFrame, metric: str = "final_val_loss", estimator: str =
         for p in order:
             g = df[df["phase"] == p]
             for label in dict.fromkeys(g["series"]):
-                res = analyze_series(g[g["series"] == label].assign(phase=label), p, budgets=budgets_of(g),
-                                     pooled=pool_budgets and len(budgets_of(g)) > 1, **opts)
+                series = g[g["series"] == label].assign(phase=label)
+                res = analyze_series(series, p, budgets=budgets_of(g), pooled=pool_budgets and len(budgets_of(g)) > 1,
+                                     **opts)
+                for name, fn in (sections or {}).items():
+                    extra = fn(series, res)
+                    if extra is not None:
+                        res["sections"][name] = extra
                 results.append(res)
         return jsonable({"phases": results, "comparison": [summary_row(r) for r in results],
                          "optima": [{"phase": r["phase"], **o} for r in results for o in r["optima"]]})

@@ -379,3 +379,16 @@ def test_an_infrastructure_failure_does_not_hide_the_rerun_of_the_same_config():
     df = A.normalize_runs(runs)
     assert list(df["status"]) == ["FINISHED", "FAILED"]  # the lone failure of lr 3e-3 still counts (as inf)
     assert list(A.objective_values(df, "final_val_loss")) == [2.0, math.inf]
+
+
+def test_extra_sections_are_added_per_phase():
+    """A clean place for per-phase extras (e.g. a gradient-noise prediction of the slope)."""
+    df = grid_runs({32: 1e-3, 64: 2e-3, 128: 4e-3}, [5e-4, 1e-3, 2e-3, 4e-3, 8e-3])
+    seen = []
+
+    def noise_scale(runs, res):
+        seen.append((len(runs), res["phase"]))
+        return {"predicted_beta": 0.5, "n_runs": len(runs)}
+
+    ph = A.analyze(df, sections={"gradient_noise": noise_scale, "nothing": lambda runs, res: None})["phases"][0]
+    assert seen == [(15, "p")] and ph["sections"] == {"gradient_noise": {"predicted_beta": 0.5, "n_runs": 15}}

@@ -253,3 +253,19 @@ def test_different_budgets_are_refused_unless_chosen_or_pooled(store):
     r = CliRunner().invoke(main, ["compare", "--phases", "2_5_tokens", "--tracking-uri", store, "--no-mlflow",
                                   "--budget", "steps=5"])
     assert r.exit_code == 2 and r.output.startswith("error: phase '2_5_tokens' has no runs of budget 'steps=5'")
+
+
+def test_extra_sections_render_in_the_report(monkeypatch):
+    import pandas as pd
+
+    from scaling import analysis, report
+
+    rows = [dict(phase="p", batch_size=b, lr=lr, seed=0, status="FINISHED", final_val_loss=2 + (math.log(lr / (1e-3 * b / 32))) ** 2)
+            for b in (32, 64, 128) for lr in (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)]
+    res = analysis.analyze(pd.DataFrame(rows), sections={"gradient_noise": lambda runs, r: {"predicted_beta": 0.41}})
+    rep = {"settings": {"phases": ["p"], "metric": "final_val_loss", "estimator": "vertex", "exclude_unlearned": False,
+                        "pool_budgets": False, "bootstrap": 0, "seed": 0}, **res}
+    assert "gradient_noise: predicted_beta = 0.41" in report.render_table(rep)  # no renderer: key = value
+    monkeypatch.setitem(report.PHASE_SECTIONS, "gradient_noise",
+                        lambda sec, ph: [f"gradient noise scale predicts beta = {sec['predicted_beta']:.2f}"])
+    assert "gradient noise scale predicts beta = 0.41" in report.render_table(rep)
