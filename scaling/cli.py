@@ -270,23 +270,28 @@ def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
               help="Objective: final_val_loss, min_val_loss, final_train_loss or (modular phases) step_val_acc_99.")
 @click.option("--format", "fmt", default="table", show_default=True, help="What to print: table, json, csv, markdown.")
 @click.option("--out", "out_dir", default=None, help="Write every format and the PNG plots into this directory.")
-@click.option("--estimator", default="argmin", show_default=True,
-              help="Optimum per batch size the fits use: argmin (grid, the study's) or vertex (quadratic).")
+@click.option("--estimator", default="vertex", show_default=True,
+              help="Optimum per batch size the beta fits use: vertex (quadratic in ln LR with seed offsets, the "
+                   "argmin where there is none) or argmin (the grid's, the study's method).")
 @click.option("--exclude-unlearned", is_flag=True, help="Drop runs whose val loss is above the unigram baseline.")
-@click.option("--pool-budgets", is_flag=True, help="Fit runs of different budgets of a phase together.")
-@click.option("--bootstrap", type=int, default=1000, show_default=True,
-              help="Bootstrap resamples (0: none).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--budget", default=None,
+              help="Only the runs of this budget, KIND=VALUE or VALUE (e.g. steps=10000), in every phase.")
+@click.option("--pool-budgets", is_flag=True,
+              help="Fit a phase's runs of different budgets together, each (batch size, budget) its own optimum.")
+@click.option("--bootstrap", type=int, default=0, show_default=True,
+              help="Pairs-bootstrap resamples of beta (0: none); with a handful of batch sizes its interval "
+                   "covers less than 95%.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and the law comparison.")
 @click.option("--tracking-uri", default=None, help="MLflow store (env MLFLOW_TRACKING_URI).")
 @click.option("--no-mlflow", is_flag=True, help="Do not record a comparison run in scaling-compare.")
-def compare(phases, metric, fmt, out_dir, estimator, exclude_unlearned, pool_budgets, bootstrap, seed,
+def compare(phases, metric, fmt, out_dir, estimator, exclude_unlearned, budget, pool_budgets, bootstrap, seed,
             tracking_uri, no_mlflow):
     """Fit LR_opt(B) per phase from its MLflow runs and put phases side by side against theory."""
     from scaling.report import compare as run_compare
 
     report = run_compare(phases, tracking_uri=tracking_uri, metric=metric, fmt=fmt, out_dir=out_dir,
-                         exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, bootstrap=bootstrap,
-                         seed=seed, log_to_mlflow=not no_mlflow, estimator=estimator)
+                         exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, budget=budget,
+                         bootstrap=bootstrap, seed=seed, log_to_mlflow=not no_mlflow, estimator=estimator)
     click.echo(report["rendered"], nl=False)
     if fmt == "table":
         if report["files"]:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import pandas as pd
 from scaling import analysis, sibling_report, tracking
 from scaling.config import ConfigError, builtin_phase_names, first_line
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMATS = ("table", "json", "csv", "markdown")
 JSON_NAME = "compare.json"
 TABLE_NAME = "compare.txt"
@@ -86,8 +87,8 @@ def _run_row(run, phase: str) -> dict[str, Any] | None:
 
 def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_loss", fmt: str = "table",
             out_dir: str | Path | None = None, exclude_unlearned: bool = False, pool_budgets: bool = False,
-            bootstrap: int = 1000, seed: int = 0, log_to_mlflow: bool = True, estimator: str = "argmin",
-            plots: bool = True) -> dict[str, Any]:
+            bootstrap: int = 0, seed: int = 0, log_to_mlflow: bool = True, estimator: str = "vertex",
+            plots: bool = True, budget: str | None = None) -> dict[str, Any]:
     """Compare phases: returns the report dict (docs/compare-schema.md) with ``rendered`` (the text
     in ``fmt`` for the terminal), ``files`` (paths written under ``out_dir``) and
     ``comparison_run_id`` (None without MLflow logging). Raises ConfigError/TrackingError (one
@@ -101,60 +102,70 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
         raise ConfigError(f"estimator must be one of {', '.join(analysis.ESTIMATORS)}, got {estimator!r}")
     if not isinstance(bootstrap, int) or bootstrap < 0:
         raise ConfigError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")
+    if budget is not None and pool_budgets:
+        raise ConfigError("--budget selects one budget and --pool-budgets fits several together: give one of them")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out must be a directory, got the file {str(out)!r}")
     client = tracking.connect(tracking_uri)
-    fixed = {"confidence": 0.95, "window": 1, "overfit_threshold": 0.05, "law_points": "uncensored"}
+    settings = {"phases": names, "metric": metric, "estimator": estimator, "exclude_unlearned": exclude_unlearned,
+                "pool_budgets": pool_budgets, "budget": budget, "bootstrap": bootstrap, "seed": seed,
+                "confidence": 0.95, "quadratic_window": 1, "overfit_threshold": 0.05, "law_points": "uncensored"}
     # Sibling phases (grokking, the model-size ladder) get their own sections; those whose runs vary over a
     # variant axis (task, schedule, size...) are no LR_opt(B) grid and stay out of the analysis below.
-    siblings = sibling_report.collect(client, names, metric, fixed["confidence"])
+    siblings = sibling_report.collect(client, names, metric, settings["confidence"])
     main = [n for n in names if n not in siblings["only"]]
     result = {"phases": [], "comparison": [], "optima": []}
     if main:
         result = analysis.analyze(load_runs(client, main), metric=metric, estimator=estimator,
-                                  exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, bootstrap=bootstrap,
-                                  seed=seed, phases=main, **fixed)
+                                  exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, budget=budget,
+                                  bootstrap=bootstrap, seed=seed, phases=main, confidence=settings["confidence"],
+                                  window=settings["quadratic_window"], overfit_threshold=settings["overfit_threshold"],
+                                  law_points=settings["law_points"])
     report = {
         "schema_version": SCHEMA_VERSION,
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "tool": "scaling compare",
         "scaling_version": _version(),
         "tracking_uri": client.tracking_uri,
-        "settings": {"phases": names, "metric": metric, "estimator": estimator,
-                     "exclude_unlearned": exclude_unlearned, "pool_budgets": pool_budgets,
-                     "bootstrap": bootstrap, "seed": seed, "confidence": fixed["confidence"],
-                     "quadratic_window": fixed["window"], "overfit_threshold": fixed["overfit_threshold"],
-                     "law_points": fixed["law_points"]},
+        "settings": {**settings, "max_epochs": analysis.MAX_EPOCHS, "law_margin": analysis.LAW_MARGIN},
         **result,
         "siblings": siblings,
     }
     report["comparison_run_id"] = None
     texts = {"table": render_table(report), "markdown": render_markdown(report),
              "csv": render_csv(report["comparison"]), "json": None}
-    files: list[str] = []
-    if out is not None or log_to_mlflow:
-        parent = out.parent if out is not None else None
-        if parent is not None:
-            parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".compare-", dir=parent))
-        try:
-            names_written = _write_all(report, texts, tmp, plots)
-            if log_to_mlflow:
-                report["comparison_run_id"] = _log_comparison(client, report, tmp)  # rewrites the JSON with its id
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                for rel in names_written:
-                    dest = out / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp / rel, dest)
-                    files.append(str(dest))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    files = _write_outputs(report, texts, out, client if log_to_mlflow else None, plots)
     texts["json"] = to_json(report)
     report["files"] = files
     report["rendered"] = texts[fmt]
     return report
+
+
+def _write_outputs(report, texts, out: Path | None, client, plots: bool) -> list[str]:
+    """Every output into a temporary directory, logged to MLflow from there (``client``: None for
+    no comparison run), then moved into ``out``; returns the paths written there."""
+    files: list[str] = []
+    if out is None and client is None:
+        return files
+    parent = out.parent if out is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".compare-", dir=parent))
+    try:
+        names_written = _write_all(report, texts, tmp, plots)
+        if client is not None:
+            report["comparison_run_id"] = _log_comparison(client, report, tmp)  # rewrites the JSON with its id
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for rel in names_written:
+                dest = out / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / rel, dest)
+                files.append(str(dest))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
 
 
 def _version() -> str:
@@ -229,9 +240,14 @@ def _log_comparison(client, report: dict[str, Any], d: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Rendering
 
+#: Extra per-phase sections: a phase's ``sections[name]`` (filled by an optional analysis, e.g. a
+#: gradient-noise-scale prediction of the slope) is rendered by ``PHASE_SECTIONS[name](section,
+#: phase)`` → lines, after the fits; a section without a renderer is listed as ``key: value`` lines.
+PHASE_SECTIONS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[str]]] = {}
+
 
 def _f(v, fmt="{:.3f}", none="-") -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return none
     if isinstance(v, float) and math.isinf(v):
         return "inf" if v > 0 else "-inf"
@@ -249,10 +265,16 @@ def _ci(ci, fmt="{:.3f}") -> str:
     return f"[{_f(lo, fmt, '-inf')}, {_f(hi, fmt, 'inf')}]"
 
 
-def _beta_cell(f: dict) -> str:
+def _beta_cell(f: dict, with_ci: bool = True) -> str:
+    """β with its interval, or the fit's status in words (a fit that could not be made is never a number)."""
     if f["status"] != "ok":
         return f["status"]
-    return f"{f['beta']:.3f}"
+    s = f"{f['beta']:.3f}"
+    if with_ci:
+        s += f" {_ci(f.get('beta_ci'))}"
+        if not f.get("interval_calibrated", True):
+            s += " (not calibrated)"
+    return s
 
 
 def _grid(headers: list[str], rows: list[list[str]], md: bool = False) -> str:
@@ -266,64 +288,75 @@ def _grid(headers: list[str], rows: list[list[str]], md: bool = False) -> str:
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
+def _law_cell(laws: dict) -> str:
+    if laws.get("selected"):
+        return laws["selected"]
+    return "cannot choose" if laws["status"] == "ok" else laws["status"]
+
+
 def _phase_rows(report) -> tuple[list[str], list[list[str]]]:
-    headers = ["phase", "budget", "B", "cens.", "beta (all)", "95% t-interval", "R2", "bootstrap 95%",
-               "beta (uncens.)", "beta (censored MLE) [LR 95%]", "regime", "best loss", "best config",
-               "unigram/bigram", "learned y/n/?", "law"]
+    headers = ["phase", "budget", "B", "cens.", "beta all [95%]", "R2", "beta uncensored [95%]",
+               "beta censored MLE [95%]", "noise sd", "regime", "best loss", "best config", "unigram/bigram",
+               "learned y/n/?", ">epochs", "law"]
     rows = []
     for ph in report["phases"]:
         fa, fu, fc = ph["fits"]["all"], ph["fits"]["uncensored"], ph["fits"]["censored"]
         ok = [o for o in ph["optima"] if o["status"] == "ok"]
-        cens = sum(1 for o in ok if o["censored"] in ("low", "high"))
-        bl = ph["baselines"]
-        ln = ph["learned"]
+        bl, ln = ph["baselines"], ph["learned"]
         rows.append([
-            ph["phase"], ", ".join(ph["budget"]["budgets"]), str(len(ok)), str(cens),
-            _beta_cell(fa), _ci(fa.get("beta_ci_t")) if fa["status"] == "ok" else "-",
-            _f(fa.get("r2")), (_ci(fa.get("beta_ci_bootstrap")) + f" n={fa['bootstrap_resamples']}")
-            if fa["status"] == "ok" else "-",
-            _beta_cell(fu) + (f" {_ci(fu['beta_ci_t'])}" if fu["status"] == "ok" else ""),
-            _beta_cell(fc) + (f" {_ci(fc['beta_ci'])}" if fc["status"] == "ok" else ""),
-            ph["regime"]["name"], _f((ph["best"] or {}).get("loss"), "{:.4f}"),
+            ph["phase"], ", ".join(ph["budget"]["budgets"]), str(len(ok)),
+            str(sum(1 for o in ok if o["censored"] in ("low", "high"))),
+            _beta_cell(fa), _f(fa.get("r2")) if fa["status"] == "ok" else "-", _beta_cell(fu), _beta_cell(fc),
+            _f((ph.get("loss_noise") or {}).get("sd"), "{:.4f}"), ph["regime"]["name"],
+            _f((ph["best"] or {}).get("loss"), "{:.4f}"),
             (f"B={ph['best']['batch_size']} lr={ph['best']['lr']:g}" if ph["best"] else "-"),
-            f"{_f(bl['unigram'])}/{_f(bl['bigram'])}",
-            f"{ln['true']}/{ln['false']}/{ln['unknown']}",
-            ph["laws"].get("selected") or ("cannot choose" if ph["laws"]["status"] == "ok" else ph["laws"]["status"]),
+            f"{_f(bl['unigram'])}/{_f(bl['bigram'])}", f"{ln['true']}/{ln['false']}/{ln['unknown']}",
+            str(len(ph["epochs"]["repeated_data_batch_sizes"])), _law_cell(ph["laws"]),
         ])
     return headers, rows
 
 
 def _optima_rows(report) -> tuple[list[str], list[list[str]]]:
-    headers = ["phase", "B", "LRs", "argmin LR", "loss", "+-sd (n)", "censored", "vertex LR", "SE(ln LR)",
-               "vertex status", "clip freq", "regime", "learned", "val rise"]
+    pooled = any(len(ph["budget"]["budgets"]) > 1 for ph in report["phases"])
+    headers = ["phase", *(["budget"] if pooled else []), "B", "LRs", "argmin LR", "loss", "+-sd (n, div.)",
+               "censored", "vertex LR", "SE(ln LR)", "vertex status", "clip freq", "regime", "learned",
+               "val rise", "epochs"]
     rows = []
     for ph in report["phases"]:
         for o in ph["optima"]:
+            cens = o["censored"] or "-"
+            if o["censored"] in ("low", "high"):
+                cens += f" ({'>' if o['censored'] == 'high' else '<'}{_g(o.get('bound_lr'))})"
             rows.append([
-                ph["phase"], str(o["batch_size"]), f"{o['n_lrs']} ({_g(o['lr_min'])}..{_g(o['lr_max'])})",
+                ph["phase"], *([o.get("budget") or "-"] if pooled else []), str(o["batch_size"]),
+                f"{o['n_lrs']} ({_g(o['lr_min'])}..{_g(o['lr_max'])})",
                 _g(o["argmin_lr"]), _f(o["argmin_loss"], "{:.4f}", "inf"),
-                f"{_f(o.get('argmin_loss_std'), '{:.4f}')} ({o.get('argmin_n') or '-'})",
-                o["censored"] or "-", _g(o["vertex_lr"]), _f(o["vertex_log_se"]), o["vertex_status"],
+                (f"{_f(o.get('argmin_loss_std'), '{:.4f}')} "
+                 f"({o.get('argmin_n') or '-'}, {o.get('argmin_n_diverged') or 0})"),
+                cens, _g(o["vertex_lr"]), _f(o["vertex_log_se"]), o["vertex_status"],
                 _f(o.get("clip_frequency")), o.get("regime") or "-",
                 {True: "yes", False: "NO", None: "?"}[o.get("learned")],
                 _f(o.get("val_loss_rise")) + (" (overfit)" if o.get("overfitting") else ""),
+                _f(o.get("epochs"), "{:.3g}") + (" (repeated)" if o.get("repeated_data") else ""),
             ])
     return headers, rows
 
 
 def _laws_rows(ph) -> tuple[list[str], list[list[str]]]:
-    headers = ["law", "parameters (95% interval)", "AICc", "LOO rmse (ln LR)", "local beta (Bmin, Bmid, Bmax)"]
+    headers = ["law", "parameters (Wald 95%)", "AICc", "LOO rmse (ln LR)", "local beta (Bmin, Bmid, Bmax)",
+               "bootstrap p"]
     rows = []
+    p_values = ph["laws"].get("p_values") or {}
     for name, m in ph["laws"].get("models", {}).items():
         if m["status"] != "ok":
-            rows.append([name, m["status"], "-", "-", "-"])
+            rows.append([name, m["status"], "-", "-", "-", "-"])
             continue
         params = "; ".join(f"{k}={_g(v['value'])} {_ci(v['ci'], '{:.3g}')}" for k, v in m["params"].items())
         if m.get("at_bound"):
             params += f" (at bound: {', '.join(m['at_bound'])})"
         lb = ", ".join(_f(b, "{:.2f}") for b in m["local_beta"]["beta"])
         rows.append([name + (" *" if name == ph["laws"].get("selected") else ""), params, _f(m["aicc"], "{:.1f}"),
-                     _f(m["loo_rmse"]), lb])
+                     _f(m["loo_rmse"]), lb, _f(p_values.get(name), "{:.2f}")])
     return headers, rows
 
 
@@ -334,56 +367,81 @@ def _fit_lines(ph) -> list[str]:
         if f["status"] != "ok":
             lines.append(f"{kind}: {f['status']} ({f.get('reason', '')})")
             continue
+        pct = f"{round(f['confidence'] * 100)}%"
         if kind == "censored":
             s = (f"censored (Tobit MLE, {f['n_censored']} censored as bounds): beta = {f['beta']:.3f}, "
-                 f"C = {f['C']:.3g}, sigma = {f['sigma']:.3g}, {int(f['confidence'] * 100)}% profile-LR "
-                 f"interval {_ci(f['beta_ci'])}")
+                 f"C = {f['C']:.3g}, sigma = {f['sigma']:.3g}{' (at its floor)' if f.get('sigma_at_floor') else ''}, "
+                 f"{pct} profile interval {_ci(f['beta_ci'])} (cutoff {f['cutoff']:.2f}, t-calibrated on "
+                 f"{f['cutoff_n']} uncensored points)")
         else:
-            s = (f"{kind} ({f['method']}, {f['n_points']} batch sizes{', ' + str(f['n_censored']) + ' censored' if f['n_censored'] else ''}): "
-                 f"beta = {f['beta']:.3f} (SE {f['beta_se']:.3f}), C = {f['C']:.3g}, R2 = {f['r2']:.3f}, "
-                 f"t({f['dof']}) 95% interval {_ci(f['beta_ci_t'])}, bootstrap 95% {_ci(f['beta_ci_bootstrap'])} "
-                 f"({f['bootstrap_resamples']} resamples, {f['bootstrap_valid']} usable, seed {f['bootstrap_seed']})")
+            s = (f"{kind} ({f['method']}, {f['n_points']} batch sizes"
+                 f"{', ' + str(f['n_censored']) + ' censored at their edge' if f['n_censored'] else ''}): "
+                 f"beta = {f['beta']:.3f} (SE {f['beta_se']:.3f}), C = {f['C']:.3g}, R2 = {_f(f.get('r2'))}, "
+                 f"tau = {math.sqrt(f['tau2']):.3g}, t({f['dof']}) {pct} interval {_ci(f['beta_ci_t'])}")
+            if f.get("interval_note"):
+                s += f" -- {f['interval_note']}"
+            if f.get("beta_ci_bootstrap"):
+                s += (f"; pairs bootstrap {_ci(f['beta_ci_bootstrap'])} ({f['bootstrap_resamples']} resamples, "
+                      f"seed {f['bootstrap_seed']}: {f['bootstrap_note']})")
         excl = [t["name"] for t in f["theory"] if t["excluded"]]
         kept = [t["name"] for t in f["theory"] if t["excluded"] is False]
-        s += f"; excludes: {', '.join(excl) or 'none'}; consistent with: {', '.join(kept) or 'none'}"
+        s += (f"; excludes: {', '.join(excl) or 'none'}; consistent with: {', '.join(kept) or 'none'}"
+              if any(t["excluded"] is not None for t in f["theory"]) else "; compared with no theory value")
         lines.append(s)
     return lines
+
+
+def _section_lines(ph) -> list[str]:
+    lines = []
+    for name, section in (ph.get("sections") or {}).items():
+        render = PHASE_SECTIONS.get(name)
+        lines += render(section, ph) if render else [f"{name}: " + "; ".join(f"{k} = {v}" for k, v in section.items())]
+    return lines
+
+
+def _phase_block(ph, md: bool) -> list[str]:
+    bullet = "- " if md else "  "
+    bl, ln = ph["baselines"], ph["learned"]
+    noise = ph.get("loss_noise")
+    out = [f"{'## ' if md else ''}Phase {ph['phase']}" + ("" if md else ":"), "",
+           f"runs: {ph['n_runs']} ({', '.join(f'{k} {v}' for k, v in ph['sources'].items())}), "
+           f"budget {', '.join(ph['budget']['budgets'])}; baselines uniform/unigram/bigram "
+           f"{_f(bl['uniform'])}/{_f(bl['unigram'])}/{_f(bl['bigram'])}; learned "
+           f"{ln['true']} yes, {ln['false']} no, {ln['unknown']} unknown"
+           + (f"; loss noise of one run {noise['sd']:.4f} nats ({noise['dof']} dof, from the seeds)" if noise else ""),
+           ""]
+    out += [bullet + line for line in _fit_lines(ph) + _section_lines(ph)]
+    out.append("")
+    laws = ph["laws"]
+    if laws["status"] == "ok":
+        out += [(f"laws ({laws['uses']} of {laws['n_points']} batch sizes, "
+                 f"{'weighted' if laws['weighted'] else 'unweighted'}): {laws['verdict']}"), "",
+                _grid(*_laws_rows(ph), md=md)]
+    else:
+        out.append(f"laws: {laws['verdict']}")
+    out.append("")
+    if ph["warnings"]:
+        out += [("- " if md else "  ! ") + w for w in ph["warnings"]] + [""]
+    return out
 
 
 def render_table(report: dict[str, Any], md: bool = False) -> str:
     s = report["settings"]
     h = "## " if md else ""
+    how = ("grid argmin, the study method" if s["estimator"] == "argmin"
+           else "quadratic vertex in ln LR with seed offsets, argmin where there is none")
     out = [f"{'# ' if md else ''}scaling compare: {', '.join(s['phases'])}",
-           f"objective {s['metric']} (diverged/failed = inf), optimum estimator: {s['estimator']}"
-           f"{' (grid argmin, the study method)' if s['estimator'] == 'argmin' else ' (quadratic vertex in ln LR)'}, "
-           f"95% intervals, bootstrap {s['bootstrap']} resamples (seed {s['seed']})"
+           f"objective {s['metric']} (a configuration whose every replicate diverged = inf), optimum estimator: "
+           f"{s['estimator']} ({how}), 95% intervals"
+           + (f", pairs bootstrap {s['bootstrap']} resamples (seed {s['seed']})" if s["bootstrap"] else "")
            + (", unlearned runs excluded" if s["exclude_unlearned"] else "")
-           + (", budgets pooled" if s["pool_budgets"] else ""), ""]
+           + (f", budget {s['budget']}" if s.get("budget") else "")
+           + (", budgets fitted together" if s["pool_budgets"] else ""), ""]
     if report["phases"]:  # none when every phase is a sibling phase of its own kind
         out += [f"{h}Phases", "", _grid(*_phase_rows(report), md=md), ""]
         out += [f"{h}Optimum per batch size", "", _grid(*_optima_rows(report), md=md), ""]
     for ph in report["phases"]:
-        out += [f"{h}Phase {ph['phase']}" + ("" if md else ":"), ""]
-        bl = ph["baselines"]
-        ln = ph["learned"]
-        out.append(f"runs: {ph['n_runs']} ({', '.join(f'{k} {v}' for k, v in ph['sources'].items())}), "
-                   f"budget {', '.join(ph['budget']['budgets'])}; baselines uniform/unigram/bigram "
-                   f"{_f(bl['uniform'])}/{_f(bl['unigram'])}/{_f(bl['bigram'])}; learned "
-                   f"{ln['true']} yes, {ln['false']} no, {ln['unknown']} unknown")
-        out.append("")
-        out += [("- " if md else "  ") + line for line in _fit_lines(ph)]
-        out.append("")
-        laws = ph["laws"]
-        if laws["status"] == "ok":
-            out.append(f"laws ({laws['points']} optima, {laws['n_points']} batch sizes, "
-                       f"{'weighted' if laws['weighted'] else 'unweighted'}): {laws['verdict']}")
-            out += ["", _grid(*_laws_rows(ph), md=md)]
-        else:
-            out.append(f"laws: {laws['verdict']}")
-        out.append("")
-        if ph["warnings"]:
-            out += [("- " if md else "  ! ") + w for w in ph["warnings"]]
-            out.append("")
+        out += _phase_block(ph, md)
     out += sibling_report.render_lines(report.get("siblings"), lambda h, r: _grid(h, r, md=md), md)
     return "\n".join(out).rstrip() + "\n"
 

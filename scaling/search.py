@@ -10,8 +10,11 @@ Per batch size one Optuna study (``<study name>-B<batch size>``) over ``lr`` on 
 * The grid's best point and its neighbours are enqueued first; a point that already has a run with
   the same ``config_hash`` is not retrained: its recorded result (and val-loss curve) is told to Optuna
   (user attr ``reused_run_id``) and does not count against ``trials``.
-* After each ``batch`` of trials: **bracketed** (an LR below and an LR above the best one are worse,
-  pruned or diverged) → stop; else if the best LR is within ``margin`` of an edge (a fraction of the
+* After each ``batch`` of trials: **bracketed** (an LR below and an LR above the best one are worse
+  by more than the bracketing margin, or pruned or diverged) → stop; the margin is
+  ``BRACKET_Z``·√2·σ, σ the loss noise of one run — the spread between seeds of the same
+  configuration in the phase's runs when there are such replicates, else ``loss_noise`` or
+  ``DEFAULT_LOSS_NOISE`` — so that two runs of one configuration rarely pass for a bracket; else if the best LR is within ``margin`` of an edge (a fraction of the
   *initial* range's width in log space, so the test does not loosen as the range grows), that edge moves out by ``extend_factor`` — at most
   ``max_extensions`` times in all, after which the search stops with **limit**; the search also ends
   when the study holds ``trials`` evaluated trials (**trials**). The range state lives in the study's
@@ -45,6 +48,11 @@ from scaling.sweep import (TAG_SEARCH_ID, ClaimStore, check_storage_url, classif
                            link_launcher_run, runs_of_config, safe_url, shared_params)
 
 SAMPLERS = ("tpe", "random", "cmaes")
+#: The loss noise of one run (nats) assumed when the phase has no replicates to measure it from.
+DEFAULT_LOSS_NOISE = 0.02
+#: One-sided 95% normal quantile: a neighbour brackets when it is worse by more than this many SDs of
+#: the difference of two runs.
+BRACKET_Z = 1.645
 PRUNERS = ("none", "median", "hyperband")
 DEFAULT_OPTUNA_DB = "optuna.db"
 
@@ -69,16 +77,20 @@ class BatchSizeSearch:
     lower: float | None = None  # the worse LRs that bracket the best
     upper: float | None = None
     objective: str = "final_val_loss"
+    bracket_margin: float = 0.0  # nats a neighbour must be worse by
+    noise_source: str = ""
 
     def line(self) -> str:
         best = "none" if self.best_lr is None else f"{self.best_lr:.4g} ({self.objective} {self.best_loss:.4f})"
         if self.stop_reason == "bracketed":
-            why = f"BRACKETED: worse at lr {self.lower:.4g} and {self.upper:.4g}"
+            why = (f"BRACKETED: worse by more than {self.bracket_margin:.3g} ({self.noise_source}) at lr "
+                   f"{self.lower:.4g} and {self.upper:.4g}")
         elif self.stop_reason == "limit":
             why = (f"NOT bracketed: extension limit reached, the best LR is still at the edge of "
                    f"[{self.final_range[0]:.3g}, {self.final_range[1]:.3g}]")
         else:
-            why = f"NOT bracketed: trial budget spent ({self.n_trials} trials)"
+            why = (f"NOT bracketed: trial budget spent ({self.n_trials} trials; no LR on both sides worse by more "
+                   f"than {self.bracket_margin:.3g}, {self.noise_source})")
         lo0, hi0 = self.initial_range
         lo, hi = self.final_range
         return (f"B={self.batch_size} study {self.study_name}: best lr {best}; {why}; range [{lo0:.3g}, {hi0:.3g}] "
@@ -169,28 +181,65 @@ def initial_range(grid: dict[float, GridPoint], phase_lrs: Sequence[float], fact
 class Analysis:
     best_lr: float | None
     best_loss: float
-    lower: float | None  # nearest worse LR below the best
+    lower: float | None  # nearest LR below the best that is worse by more than the margin
     upper: float | None
     near_low: bool
     near_high: bool
+    margin: float = 0.0
 
     @property
     def bracketed(self) -> bool:
         return self.lower is not None and self.upper is not None
 
 
-def analyse(points: list[tuple[float, float]], lo: float, hi: float, margin_log: float) -> Analysis:
+def analyse(points: list[tuple[float, float]], lo: float, hi: float, margin_log: float,
+            noise_margin: float = 0.0) -> Analysis:
     """``points``: (lr, loss) with loss = inf for diverged/pruned; where the optimum stands.
 
-    "Near an edge": within ``margin_log`` (natural-log units) of ``lo`` or ``hi``."""
+    A neighbour brackets the best LR only when its loss exceeds the best by more than
+    ``noise_margin`` (nats): a difference inside the runs' noise says nothing about the side the
+    optimum is on. "Near an edge": within ``margin_log`` (natural-log units) of ``lo`` or ``hi``."""
     finite = [(lr, v) for lr, v in points if math.isfinite(v)]
     if not finite:
-        return Analysis(None, float("inf"), None, None, False, False)
+        return Analysis(None, float("inf"), None, None, False, False, noise_margin)
     best_lr, best = min(finite, key=lambda p: (p[1], p[0]))
-    below = [lr for lr, v in points if lr < best_lr and v > best]
-    above = [lr for lr, v in points if lr > best_lr and v > best]
+    below = [lr for lr, v in points if lr < best_lr and v > best + noise_margin]
+    above = [lr for lr, v in points if lr > best_lr and v > best + noise_margin]
     return Analysis(best_lr, best, max(below) if below else None, min(above) if above else None,
-                    near_low=math.log(best_lr / lo) <= margin_log, near_high=math.log(hi / best_lr) <= margin_log)
+                    near_low=math.log(best_lr / lo) <= margin_log, near_high=math.log(hi / best_lr) <= margin_log,
+                    margin=noise_margin)
+
+
+def bracket_margin(noise_sd: float) -> float:
+    """How much worse than the best a neighbour must be to bracket it: BRACKET_Z SDs of the
+    difference of two runs with loss noise ``noise_sd``."""
+    return BRACKET_Z * math.sqrt(2.0) * noise_sd
+
+
+def replicate_noise(client, exp_id: str, phase: Phase, batch_sizes: Sequence[int], splits) -> tuple[float, int] | None:
+    """(SD, degrees of freedom) of final_val_loss between seeds of the same configuration among the
+    phase's recorded runs at ``batch_sizes`` (runs this search's config would reproduce but for the
+    seed), pooled over configurations; None without two finished seeds of any configuration."""
+    losses: dict[tuple[int, float], list[float]] = {}
+    for b in batch_sizes:
+        by_hash: dict[str, list] = {}
+        for r in tracking.search_runs(client, [exp_id], f"params.batch_size = '{b}'"):
+            by_hash.setdefault(r.data.tags.get(tracking.TAG_CONFIG_HASH, ""), []).append(r)
+        for h, group in by_hash.items():
+            try:
+                lr, seed = float(group[0].data.params["lr"]), int(group[0].data.params["seed"])
+                cfg = phase.run_config(b, lr, seed=seed, splits=splits)
+            except (KeyError, ValueError, ConfigError):
+                continue
+            res = classify(cfg, group) if cfg.config_hash() == h else None
+            if res is not None and res.state == "FINISHED" and math.isfinite(res.loss):
+                losses.setdefault((b, lr), []).append(res.loss)
+    groups = [v for v in losses.values() if len(v) > 1]
+    dof = sum(len(v) - 1 for v in groups)
+    if not dof:
+        return None
+    ss = sum(sum((x - sum(v) / len(v)) ** 2 for x in v) for v in groups)
+    return math.sqrt(ss / dof), dof
 
 
 def _trial_points(study) -> list[tuple[float, float]]:
@@ -274,13 +323,15 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
                device: str = "auto", data_dir=None, splits: tuple[str, str] = ("train", "valid"),
                tracking_uri: str | None = None, objective_fn: Callable[[RunConfig], float] | None = None,
                seed: int | None = None, progress: bool = True, group: bool = False,
-               compile: bool | str | dict = False) -> SearchSummary:
+               compile: bool | str | dict = False, loss_noise: float | None = None) -> SearchSummary:
     """Boundary-aware LR search per batch size (see the module docstring).
 
     ``group``: the ``batch`` trials asked at a time are trained together in one batched pass
     (``scaling.batched``; ``compile`` compiles its step); otherwise one after another.
 
     ``trials``: evaluated trials per study (a resumed study counts what it already has).
+    ``loss_noise``: the loss noise of one run (nats) the bracketing margin is made of; None: the
+    spread between seeds in the phase's recorded runs, else DEFAULT_LOSS_NOISE.
     ``objective_fn(cfg) -> loss``: no training and no MLflow child runs — a cheap synthetic loss
     (tests). ``seed``: the sampler's seed (None: random)."""
     import optuna
@@ -288,6 +339,9 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
     from scaling import runner
 
     _validate(list(batch_sizes), trials, sampler, pruner, extend_factor, margin, max_extensions, batch)
+    if loss_noise is not None and not (isinstance(loss_noise, (int, float)) and math.isfinite(loss_noise)
+                                       and loss_noise >= 0):
+        raise ConfigError(f"loss_noise must be a number >= 0 (nats), got {loss_noise!r}")
     for b in batch_sizes:
         phase.run_config(b, 1.0, splits=splits)  # the phase resolves at every batch size (ConfigError if not)
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -317,6 +371,8 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
         tracking.with_retry(client.update_run, parent, "RUNNING")
     summary = SearchSummary(phase=phase.name, search_id=search_id, storage=safe_url(storage), parent_run_id=parent,
                             launcher_run_id=launcher)
+    noise = _noise_margin(loss_noise, None if objective_fn is not None else (client, exp_id), phase, batch_sizes,
+                          splits)
     try:
         with runner.sigterm_as_interrupt():
             for b in batch_sizes:
@@ -326,7 +382,7 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
                     max_extensions=max_extensions, batch=batch, splits=splits, client=client, exp_id=exp_id,
                     parent=parent, search_id=search_id, objective_fn=objective_fn, seed=seed,
                     prepared=prepared, progress=progress, group=group,
-                    compile=compile))
+                    compile=compile, noise=noise))
     except (KeyboardInterrupt, runner._Terminated):
         if parent:
             tracking.with_retry(client.set_terminated, parent, "KILLED")
@@ -341,15 +397,29 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
             if r.best_lr is not None:
                 rows += [(f"best_lr_B{r.batch_size}", r.best_lr, 0), (f"best_val_loss_B{r.batch_size}", r.best_loss, 0)]
             rows.append((f"bracketed_B{r.batch_size}", float(r.bracketed), 0))
+        rows.append(("bracket_margin", noise[0], 0))
         tracking.log_metrics(client, parent, rows)
         tracking.set_tags(client, parent, {f"scaling.stop_B{r.batch_size}": r.stop_reason for r in summary.results})
         tracking.with_retry(client.set_terminated, parent, "FINISHED")
     return summary
 
 
+def _noise_margin(loss_noise, store, phase: Phase, batch_sizes, splits) -> tuple[float, str]:
+    """(bracketing margin in nats, where its noise came from): ``loss_noise`` when given, else the
+    seeds' spread in the phase's runs (``store`` = (client, experiment id); None: no runs to read),
+    else DEFAULT_LOSS_NOISE."""
+    if loss_noise is not None:
+        return bracket_margin(loss_noise), f"noise {loss_noise:.3g} given"
+    measured = replicate_noise(*store, phase, batch_sizes, splits) if store is not None else None
+    if measured is not None:
+        sd, dof = measured
+        return bracket_margin(sd), f"noise {sd:.3g} from the seeds' spread, {dof} dof"
+    return bracket_margin(DEFAULT_LOSS_NOISE), f"noise {DEFAULT_LOSS_NOISE:g} assumed: no replicates"
+
+
 def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, study_name, extend_factor, margin,
                 max_extensions, batch, splits, client, exp_id, parent, search_id, objective_fn, seed, prepared,
-                progress, group=False, compile=False) -> BatchSizeSearch:
+                progress, group=False, compile=False, noise=(0.0, "")) -> BatchSizeSearch:
     import optuna
     from optuna.distributions import FloatDistribution
 
@@ -395,7 +465,7 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
     reason = "trials"
     while True:
         el, eh, lo, hi = state()
-        an = analyse(_trial_points(study) + grid_pts, lo, hi, margin_log)
+        an = analyse(_trial_points(study) + grid_pts, lo, hi, margin_log, noise[0])
         if an.bracketed:
             reason = "bracketed"
             break
@@ -421,7 +491,7 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
                               search_id=search_id, objective_fn=objective_fn, prepared=prepared, progress=progress,
                               group=group, compile=compile)
     el, eh, lo, hi = state()
-    an = analyse(_trial_points(study) + grid_pts, lo, hi, margin_log)
+    an = analyse(_trial_points(study) + grid_pts, lo, hi, margin_log, noise[0])
     trials_ = counted()
     S = optuna.trial.TrialState
     best_grid = min(((p.lr, p.loss) for p in grid.values() if math.isfinite(p.loss)), key=lambda p: p[1], default=None)
@@ -433,7 +503,8 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
         n_pruned=sum(t.state == S.PRUNED for t in trials_),
         n_diverged=sum(bool(t.user_attrs.get("diverged")) for t in trials_),
         n_reused=sum("reused_run_id" in t.user_attrs for t in study.get_trials(deepcopy=False)),
-        grid_best=best_grid, lower=an.lower, upper=an.upper, objective=phase.train.objective)
+        grid_best=best_grid, lower=an.lower, upper=an.upper, objective=phase.train.objective,
+        bracket_margin=noise[0], noise_source=noise[1])
 
 
 def _evaluate(study, trials: list, phase: Phase, b: int, *, splits, client, exp_id, parent, search_id, objective_fn,
@@ -558,4 +629,4 @@ def _recover_interrupted(study, client, exp_id: str) -> None:
 
 
 __all__ = ["run_search", "SearchSummary", "BatchSizeSearch", "initial_range", "analyse", "grid_results",
-           "default_search_id"]
+           "default_search_id", "bracket_margin", "replicate_noise", "DEFAULT_LOSS_NOISE", "BRACKET_Z"]

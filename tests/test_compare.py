@@ -61,16 +61,17 @@ def test_study_table_end_to_end_through_the_cli(store, tmp_path):
     assert r.output == "error: bad.csv line 15: final_train_loss must be a number, got 'abc'\n"
     assert n_runs(store, "scaling-phase-2_5") == 20
 
-    r = cli("compare", "--phases", "2_5", "--tracking-uri", store, "--format", "json", "--out", str(out))
+    r = cli("compare", "--phases", "2_5", "--tracking-uri", store, "--format", "json", "--out", str(out),
+            "--estimator", "argmin", "--bootstrap", "1000")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     ph = report["phases"][0]
     fa, fu = ph["fits"]["all"], ph["fits"]["uncensored"]
     assert round(fa["beta"], 3) == 1.170 and round(fa["r2"], 3) == 0.895
     assert fa["beta_ci_t"][0] == pytest.approx(-0.05, abs=0.01) and fa["beta_ci_t"][1] == pytest.approx(2.39, abs=0.01)
-    assert fa["bootstrap_resamples"] == 1000 and fa["bootstrap_seed"] == 0
-    assert fu["status"] == "not enough points"
+    assert fa["interval_calibrated"] is False and fa["bootstrap_resamples"] == 1000 and fa["bootstrap_seed"] == 0
+    assert fu["status"] == "not enough points" and ph["fits"]["censored"]["status"] == "not identifiable"
     cens = {o["batch_size"]: o["censored"] for o in ph["optima"]}
     assert cens == {32: None, 64: None, 128: "high", 256: "high"}
     assert ph["sources"] == {"import": 20} and ph["learned"]["unknown"] == 20
@@ -100,15 +101,16 @@ def test_every_format(store, tmp_path):
     import_table(STUDY, "2_5", tracking_uri=store)
     import_table(FIXTURES / "phase_3a_like_clip_defect.csv", "3a", tracking_uri=store)
     out = tmp_path / "out"
-    rep = compare("2_5,3a", tracking_uri=store, fmt="table", out_dir=out, bootstrap=200, log_to_mlflow=False)
+    rep = compare("2_5,3a", tracking_uri=store, fmt="table", out_dir=out, log_to_mlflow=False, estimator="argmin")
     assert rep["comparison_run_id"] is None and n_runs(store, "scaling-compare") == 0
     table = rep["rendered"]
-    assert "1.170" in table and "[-0.052, 2.392]" in table and "not enough points" in table
+    assert "1.170 [-0.052, 2.392] (not calibrated)" in table and "not enough points" in table
+    assert "not identifiable" in table and "compared with no theory value" in table
     assert "inconsistent clip metrics" in table and "saturation" in table
     assert (out / "plots" / "clip_frequency_3a.png").stat().st_size > 10_000
     assert not (out / "plots" / "clip_frequency_2_5.png").exists()  # no clip metrics in that table
     for fmt in FORMATS:
-        text = compare(["2_5", "3a"], tracking_uri=store, fmt=fmt, bootstrap=200, log_to_mlflow=False,
+        text = compare(["2_5", "3a"], tracking_uri=store, fmt=fmt, log_to_mlflow=False, estimator="argmin",
                        plots=False)["rendered"]
         if fmt == "json":
             d = json.loads(text)
@@ -126,9 +128,10 @@ def test_every_format(store, tmp_path):
     assert len(optima) == 6 and optima[0]["phase"] == "2_5"
 
 
-def make_native_runs(uri, phase_name="2_5_tokens", seeds=(0, 1), diverge=(32, 0.0128)):
-    """Runs shaped like `scaling train` records them (docs/run-schema.md): LR_opt = 1e-3 (B/32)^0.5,
-    losses quadratic in ln LR with seed noise, clip metrics, baselines, one diverged run."""
+def make_native_runs(uri, phase_name="2_5_tokens", seeds=(0, 1), diverge=(32, 0.0128), optimum=None):
+    """Runs shaped like `scaling train` records them (docs/run-schema.md): LR_opt = 1e-3 (B/32)^0.5
+    (or ``optimum(B)``), losses quadratic in ln LR with seed noise, clip metrics, baselines, epochs
+    (256 / B: the largest batch size repeats its data 8 times), one diverged run."""
     from mlflow.entities import Metric, Param
 
     phase = load_phase(phase_name)
@@ -138,14 +141,15 @@ def make_native_runs(uri, phase_name="2_5_tokens", seeds=(0, 1), diverge=(32, 0.
     lrs = [2e-4 * 2 ** k for k in range(7)]
     now = int(time.time() * 1000)
     for b in (32, 64, 128, 256):
-        lo = math.log(1e-3 * (b / 32) ** 0.5)
+        lo = math.log(optimum(b) if optimum else 1e-3 * (b / 32) ** 0.5)
         for lr in lrs:
             for s in seeds:
                 cfg = phase.run_config(b, lr, 1.0, s)
                 diverged = (b, lr) == diverge and s == 0
                 loss = 2.0 + 0.08 * (math.log(lr) - lo) ** 2 + rng.normal(0, 0.003)
                 metrics = {"baseline_uniform_loss": 4.852, "baseline_unigram_loss": 3.187,
-                           "baseline_bigram_loss": 2.337, "tokens_seen": cfg.steps * cfg.tokens_per_step}
+                           "baseline_bigram_loss": 2.337, "tokens_seen": cfg.steps * cfg.tokens_per_step,
+                           "epochs": b / 32}
                 if not diverged:
                     g = 0.5 + 300 * lr
                     metrics.update({"final_val_loss": loss, "final_train_loss": loss - 0.02, "min_val_loss": loss - 0.01,
@@ -161,30 +165,50 @@ def make_native_runs(uri, phase_name="2_5_tokens", seeds=(0, 1), diverge=(32, 0.
     return client
 
 
-def test_native_runs_with_seeds(store):
+def test_native_runs_with_seeds(store, tmp_path):
     make_native_runs(store)
-    rep = compare(["2_5_tokens"], tracking_uri=store, bootstrap=200, log_to_mlflow=False, plots=False,
-                  estimator="vertex")
+    rep = compare(["2_5_tokens"], tracking_uri=store, log_to_mlflow=False, out_dir=tmp_path / "out")
     ph = rep["phases"][0]
+    assert rep["settings"]["estimator"] == "vertex" and ph["estimator"] == "vertex"  # the default
     assert ph["budget"]["kinds"] == ["tokens"] and ph["sources"] == {"sweep": 56}
     assert ph["n_diverged_or_failed"] == 1 and ph["statuses"] == {"FINISHED": 55, "FAILED": 1}
     assert ph["learned"]["true"] == 55 and ph["baselines"]["unigram"] == pytest.approx(3.187)
     opt = {o["batch_size"]: o for o in ph["optima"]}
     assert all(o["censored"] is None and o["vertex_status"] == "ok" for o in opt.values())
     assert opt[64]["argmin_n"] == 2 and opt[64]["argmin_loss_std"] is not None  # replicates averaged
-    assert all(o["vertex_log_se"] > 0 for o in opt.values())
+    assert all(o["vertex_log_se"] > 0 and o["vertex_dof"] == 8 for o in opt.values())  # 4 x (6 obs - 4 params)
+    assert ph["loss_noise"]["dof"] == 8 and ph["loss_noise"]["sd"] == pytest.approx(0.003, rel=0.9)
     grid = {(g["batch_size"], g["lr"]): g for g in ph["grid"]}
-    assert grid[(32, 0.0128)]["loss"] is None and grid[(32, 0.0128)]["n_diverged"] == 1  # inf: worse than any loss
+    # one of two seeds diverged: the configuration is the finished seed's loss, the divergence counted
+    assert grid[(32, 0.0128)]["loss"] is not None and grid[(32, 0.0128)]["n_diverged"] == 1
     fa = ph["fits"]["all"]
-    assert fa["weighted"] and fa["estimator"] == "vertex"
+    assert fa["weighted"] and fa["estimator"] == "vertex" and fa["interval_calibrated"]
     assert abs(fa["beta"] - 0.5) < 0.05 and fa["n_points"] == 4
     assert {t["name"]: t["excluded"] for t in fa["theory"]}["linear"] is True
-    argmin = compare(["2_5_tokens"], tracking_uri=store, bootstrap=0, log_to_mlflow=False, plots=False)
-    assert argmin["phases"][0]["fits"]["all"]["weighted"] is False  # grid argmins have no SE
+    # epochs: 256 / 32 = 8 passes at B=256, 4 at B=128 (not more than 4)
+    assert opt[256]["repeated_data"] is True and opt[128]["repeated_data"] is False
+    assert ph["epochs"]["repeated_data_batch_sizes"] == [256]
+    table = rep["rendered"]
+    assert "8 (repeated)" in table and "repeated data" in table
+    argmin = compare(["2_5_tokens"], tracking_uri=store, log_to_mlflow=False, plots=False, estimator="argmin")
+    assert argmin["phases"][0]["fits"]["all"]["beta"] != fa["beta"]
     assert ph["regime"]["name"] in ("pre-saturation", "transition") and ph["regime"]["clip_metrics_consistent"]
     assert ph["fits"]["censored"]["status"] == "ok"
     assert ph["laws"]["status"] == "ok" and ph["laws"]["selected"] is None  # 4 batch sizes: cannot choose
     assert "cannot choose" in ph["laws"]["verdict"]
+    for p in (tmp_path / "out" / "plots").glob("*.png"):
+        assert p.read_bytes()[:8] == PNG
+
+
+def test_every_best_lr_on_the_grid_edge_is_reported_not_a_traceback(store):
+    """A small sweep whose every batch size does best at its largest LR: the report says the fits
+    could not be made (no beta printed), through the real CLI."""
+    make_native_runs(store, seeds=(0,), diverge=None, optimum=lambda b: 1.0)
+    r = CliRunner().invoke(main, ["compare", "--phases", "2_5_tokens", "--tracking-uri", store, "--no-mlflow"])
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output
+    assert "all: degenerate (every one of the 4 optima is censored" in r.output
+    assert "censored: not identifiable" in r.output and "e-15" not in r.output
 
 
 def test_errors_are_one_line_and_write_nothing(store, tmp_path):
@@ -206,14 +230,42 @@ def test_errors_are_one_line_and_write_nothing(store, tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
-def test_different_budgets_are_refused_unless_pooled(store):
+def test_different_budgets_are_refused_unless_chosen_or_pooled(store):
     make_native_runs(store, seeds=(0,))
     from scaling.importing import import_table
 
     f = Path(store[len("sqlite:///"):]).parent / "steps.csv"
-    f.write_text("batch_size,lr,final_val_loss,num_steps\n32,0.001,2.1,300\n")
+    f.write_text("batch_size,lr,final_val_loss,num_steps\n32,0.0002,2.1,300\n")
     import_table(f, "2_5_tokens", tracking_uri=store)  # a fixed-steps run in the tokens phase
-    with pytest.raises(ConfigError, match="mixes runs of different budgets.*--pool-budgets"):
+    with pytest.raises(ConfigError, match="mixes runs of different budgets.*--budget.*--pool-budgets"):
         compare("2_5_tokens", tracking_uri=store, log_to_mlflow=False)
-    rep = compare("2_5_tokens", tracking_uri=store, pool_budgets=True, bootstrap=0, log_to_mlflow=False, plots=False)
-    assert rep["phases"][0]["budget"]["pooled"] and len(rep["phases"][0]["budget"]["budgets"]) == 2
+    rep = compare("2_5_tokens", tracking_uri=store, pool_budgets=True, log_to_mlflow=False, plots=False)
+    ph = rep["phases"][0]
+    assert ph["budget"]["pooled"] and len(ph["budget"]["budgets"]) == 2
+    cells = [g for g in ph["grid"] if (g["batch_size"], g["lr"]) == (32, 0.0002)]
+    assert len(cells) == 2 and 2.1 in [g["loss"] for g in cells]  # kept apart, not averaged
+    r = CliRunner().invoke(main, ["compare", "--phases", "2_5_tokens", "--tracking-uri", store, "--no-mlflow",
+                                  "--format", "json", "--budget", "steps=300"])
+    assert r.exit_code == 0, r.output
+    one = json.loads(r.output)["phases"][0]
+    assert one["budget"]["budgets"] == ["steps=300"] and one["n_runs"] == 1
+    assert json.loads(r.output)["settings"]["budget"] == "steps=300"
+    r = CliRunner().invoke(main, ["compare", "--phases", "2_5_tokens", "--tracking-uri", store, "--no-mlflow",
+                                  "--budget", "steps=5"])
+    assert r.exit_code == 2 and r.output.startswith("error: phase '2_5_tokens' has no runs of budget 'steps=5'")
+
+
+def test_extra_sections_render_in_the_report(monkeypatch):
+    import pandas as pd
+
+    from scaling import analysis, report
+
+    rows = [dict(phase="p", batch_size=b, lr=lr, seed=0, status="FINISHED", final_val_loss=2 + (math.log(lr / (1e-3 * b / 32))) ** 2)
+            for b in (32, 64, 128) for lr in (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)]
+    res = analysis.analyze(pd.DataFrame(rows), sections={"gradient_noise": lambda runs, r: {"predicted_beta": 0.41}})
+    rep = {"settings": {"phases": ["p"], "metric": "final_val_loss", "estimator": "vertex", "exclude_unlearned": False,
+                        "pool_budgets": False, "bootstrap": 0, "seed": 0}, **res}
+    assert "gradient_noise: predicted_beta = 0.41" in report.render_table(rep)  # no renderer: key = value
+    monkeypatch.setitem(report.PHASE_SECTIONS, "gradient_noise",
+                        lambda sec, ph: [f"gradient noise scale predicts beta = {sec['predicted_beta']:.2f}"])
+    assert "gradient noise scale predicts beta = 0.41" in report.render_table(rep)

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from scaling.config import load_phase
+from scaling.config import ConfigError, load_phase
 from scaling.search import run_search
 from test_sweep import one_thread, stores  # noqa: F401  (fixtures)
 
@@ -173,3 +173,51 @@ def test_a_trial_whose_process_died_is_requeued_and_its_run_resumed(tmp_path, ti
     assert again.user_attrs["mlflow_run_id"] == run_id  # the same MLflow run, resumed, now finished
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["optuna.trial"] == str(again.number)
+
+
+def test_a_bracket_needs_neighbours_worse_by_more_than_the_noise():
+    """The issue's case: both neighbours worse by 0.011 and 0.020 nats, while two runs of one
+    configuration differ by up to 0.047: not a bracket once the margin comes from the noise."""
+    from scaling.search import BRACKET_Z, analyse, bracket_margin
+
+    pts = [(1e-3, 1.361), (2e-3, 1.350), (4e-3, 1.370)]
+    assert analyse(pts, 5e-4, 8e-3, 0.1).bracketed  # no margin: any worse neighbour brackets
+    margin = bracket_margin(0.02)
+    assert margin == pytest.approx(BRACKET_Z * math.sqrt(2) * 0.02) and margin > 0.02
+    an = analyse(pts, 5e-4, 8e-3, 0.1, margin)
+    assert not an.bracketed and an.best_lr == 2e-3 and an.margin == margin
+    clear = analyse(pts + [(5e-4, 1.45), (8e-3, 1.40)], 2e-4, 2e-2, 0.1, margin)
+    assert clear.bracketed and (clear.lower, clear.upper) == (5e-4, 8e-3)
+    diverged = analyse(pts + [(8e-3, math.inf), (5e-4, 1.45)], 2e-4, 2e-2, 0.1, margin)
+    assert diverged.upper == 8e-3  # a diverged neighbour is worse by any margin
+
+
+def test_the_margin_comes_from_the_seeds_spread(tmp_path):
+    from test_compare import make_native_runs
+
+    from scaling import tracking
+    from scaling.search import replicate_noise
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.seed_sqlite_store(tmp_path / "mlflow.db")
+    client = make_native_runs(uri, seeds=(0, 1), diverge=None)  # seed noise N(0, 0.003)
+    phase = load_phase("2_5_tokens")
+    exp = client.get_experiment_by_name(tracking.experiment_name("2_5_tokens"))
+    sd, dof = replicate_noise(client, exp.experiment_id, phase, [32, 64], ("train", "valid"))
+    assert dof == 14 and 0.0015 < sd < 0.0045  # 2 batch sizes x 7 LRs, one pair each
+    assert replicate_noise(client, exp.experiment_id, phase, [512], ("train", "valid")) is None
+
+
+def test_a_search_says_which_margin_it_used(tmp_path, tiny_random_phase, stores):
+    uri, _ = stores
+    phase = load_phase(phase_file=tiny_random_phase)
+    flat = lambda cfg: 1.0 + 0.01 * math.log(cfg.lr / 3e-3) ** 2  # within the noise across the whole range
+    s = run_search(phase, [4], trials=6, storage=f"sqlite:///{tmp_path / 'o.db'}", objective_fn=flat, seed=0,
+                   tracking_uri=uri, device="cpu", progress=False, loss_noise=0.05)
+    r = s.results[0]
+    assert not r.bracketed and r.stop_reason in ("trials", "limit") and "noise 0.05 given" in r.line()
+    d = run_search(phase, [4], trials=6, storage=f"sqlite:///{tmp_path / 'd.db'}", objective_fn=synthetic(3e-3),
+                   seed=0, tracking_uri=uri, device="cpu", progress=False)
+    assert "noise 0.02 assumed: no replicates" in d.results[0].line()
+    with pytest.raises(ConfigError, match="loss_noise must be a number >= 0"):
+        run_search(phase, [4], trials=2, objective_fn=flat, loss_noise=-1.0, tracking_uri=uri)
