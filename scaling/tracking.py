@@ -5,6 +5,12 @@ The default store is a real SQLite database at ``mlruns/mlflow.db`` with artifac
 ``MLFLOW_TRACKING_URI`` point elsewhere (e.g. ``http://host:5000``). Logging goes through
 ``MlflowClient`` with explicit run ids (no global active run, so threads and nested sweeps are
 safe) and metrics are sent with ``log_batch`` in chunks of at most 1,000 values.
+
+A store that stops answering (a tracking server restarting, a dropped connection) is waited for:
+every call of the client :func:`connect` returns is retried with backoff while the process's outage
+lasts less than ``SCALING_STORE_RETRY_S`` seconds (default 120), a request that may already have been
+applied only if sending it twice is harmless (not ``create_run``). Past the limit the call raises
+:class:`StoreUnavailable`: one line, exit code 3, and the work resumes when the same command runs again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -234,11 +241,13 @@ class Outage:
     def wait(self, e: BaseException, wait_s: float) -> float:
         """Sleep before the next try (the next wait is returned), or raise StoreUnavailable past the limit."""
         now = time.monotonic()
+        limit = retry_limit_s()
         with self.lock:
             if self.since is None:
                 self.since = now
+                print(f"warning: the MLflow tracking store is not answering ({first_line(e, 120)}); "
+                      f"retrying for up to {limit:.0f} s", file=sys.stderr)
             down = now - self.since
-        limit = retry_limit_s()
         if down >= limit:
             raise StoreUnavailable(f"the MLflow tracking store has not answered for {down:.0f} s "
                                    f"({first_line(e, 160)}); rerun the same command to resume") from None
@@ -248,6 +257,9 @@ class Outage:
     def ended(self) -> None:
         if self.since is not None:
             with self.lock:
+                if self.since is not None:
+                    print(f"note: the MLflow tracking store answers again (after {time.monotonic() - self.since:.0f} s)",
+                          file=sys.stderr)
                 self.since = None
 
 

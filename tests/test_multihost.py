@@ -205,6 +205,8 @@ def test_server_stopped_for_seconds_workers_wait_and_lose_no_metric_point(server
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert "2 finished" in out and "error" not in err, err
+    # the outage was felt and ridden out: each worker waited for the server, then went on
+    assert all("tracking store is not answering" in err and "answers again" in err for _, err in outs), outs
     runs = phase_runs(server, "mh_outage")
     assert_each_config_once_and_finished(runs, 2)
     for r in runs:  # every point once: none lost in the outage, none sent twice by a retry
