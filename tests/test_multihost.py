@@ -43,6 +43,11 @@ def claims(postgres) -> str:
     return postgres.database("scaling_test_claims")
 
 
+def observed(line: str) -> None:
+    """What a fault test saw (``pytest -s tests/test_multihost.py``; docs/reliability.md quotes it)."""
+    print(f"\nobserved: {line}")
+
+
 def phase_file(tmp_path, name: str, **train) -> str:
     """The tiny random-token phase under its own name (so its own experiment), train settings overridden."""
     text = TINY_RANDOM_PHASE.replace("name: tiny_random", f"name: {name}")
@@ -117,7 +122,9 @@ def test_three_workers_sweep_through_the_server_once_each_and_compare_matches_a_
         assert "6 finished, 0 diverged, 0 failed, 0 pending" in out, out
     runs = phase_runs(server, "mh_grid")
     assert_each_config_once_and_finished(runs, 6)
-    assert len({r.data.tags["scaling.owner"] for r in runs}) >= 2  # the workers shared the grid
+    owners = Counter(r.data.tags["scaling.owner"] for r in runs)
+    assert len(owners) >= 2  # the workers shared the grid
+    observed(f"three workers: 6 configs FINISHED once each, trained by {sorted(owners.values())} per worker")
     assert {r.data.params["device"] for r in runs} == {"cpu"}
 
     searched = []
@@ -131,6 +138,7 @@ def test_three_workers_sweep_through_the_server_once_each_and_compare_matches_a_
     assert searched == [server.url]  # the server through search_runs, the local store from its tables
     assert through_server["rendered"] == through_tables["rendered"]
     assert "mh_grid" in through_server["rendered"]
+    observed("compare through the server (search_runs) == compare of a local copy (its tables): same table")
 
 
 def test_search_through_the_server_keeps_its_study_in_postgres(server, claims, tmp_path):
@@ -175,6 +183,7 @@ def test_a_worker_sigkilled_mid_run_is_resumed_by_the_others_from_its_checkpoint
         assert "4 finished" in out, out
     resumed = re.search(rf"resuming run {victim_run.info.run_id} from step (\d+)", "".join(e for _, e in outs))
     assert resumed and int(resumed.group(1)) > 0  # from its checkpoint, by another worker
+    observed(f"SIGKILLed worker: its run resumed by another worker from step {resumed.group(1)} of 160")
     runs = phase_runs(server, "mh_kill")
     assert_each_config_once_and_finished(runs, 4)  # nothing left RUNNING, no duplicate
     assert victim_run.info.run_id in {r.info.run_id for r in runs}
@@ -194,9 +203,11 @@ def test_server_stopped_for_seconds_workers_wait_and_lose_no_metric_point(server
 
     try:
         wait_for(both_logging, procs=procs)
+        t = time.time()
         server.stop()
         time.sleep(3)
         server.start()
+        down_s = time.time() - t
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
@@ -207,6 +218,8 @@ def test_server_stopped_for_seconds_workers_wait_and_lose_no_metric_point(server
         assert "2 finished" in out and "error" not in err, err
     # the outage was felt and ridden out: each worker waited for the server, then went on
     assert all("tracking store is not answering" in err and "answers again" in err for _, err in outs), outs
+    observed(f"server stopped {down_s:.0f} s (3 s, then its restart): workers "
+             + ", ".join(re.findall(r"answers again \(after (\d+) s\)", "".join(e for _, e in outs))) + " s without it")
     runs = phase_runs(server, "mh_outage")
     assert_each_config_once_and_finished(runs, 2)
     for r in runs:  # every point once: none lost in the outage, none sent twice by a retry
@@ -241,6 +254,7 @@ def test_server_down_past_the_limit_stops_the_worker_in_one_line_and_the_next_st
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert "Traceback" not in err and len(errors) == 1 and err.splitlines()[-1] == errors[0], err
     assert "has not answered for" in errors[0] and "rerun the same command to resume" in errors[0]
+    observed(f"server down past a 4 s limit: exit 3, {errors[0][:90]}...")
 
     server.start()
     records = recorded(client, run.info.run_id)
@@ -253,6 +267,7 @@ def test_server_down_past_the_limit_stops_the_worker_in_one_line_and_the_next_st
     assert f"damaged checkpoint (step {records[-1].step}: " in err and "truncated" in err, err
     assert f"resuming run {run.info.run_id} from step {records[0].step}" in err, err
     assert summary.complete and summary.trained_now == 1
+    observed(f"next start: newest checkpoint (step {records[-1].step}) truncated, resumed from step {records[0].step}")
     runs = phase_runs(server, "mh_limit")
     assert_each_config_once_and_finished(runs, 1)
     assert steps_of(client, run.info.run_id, "train_loss") == list(range(5, 201, 5))
