@@ -135,10 +135,12 @@ def test_three_workers_sweep_through_the_server_once_each_and_compare_matches_a_
     local = f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}"
     mirror(MlflowClient(server.url), "mh_grid", local)
     through_tables = report.compare("mh_grid", tracking_uri=local, **kw)
-    assert searched == [server.url]  # the server through search_runs, the local store from its tables
-    assert through_server["rendered"] == through_tables["rendered"]
+    through_database = report.compare("mh_grid", tracking_uri=server.backend_uri, **kw)  # postgresql://
+    assert searched == [server.url]  # the server through search_runs, SQLite and PostgreSQL from their tables
+    assert through_server["rendered"] == through_tables["rendered"] == through_database["rendered"]
     assert "mh_grid" in through_server["rendered"]
-    observed("compare through the server (search_runs) == compare of a local copy (its tables): same table")
+    observed("compare through the server (search_runs), of a local copy (SQLite tables) and of the server's "
+             "PostgreSQL tables: the same table")
 
 
 def test_search_through_the_server_keeps_its_study_in_postgres(server, claims, tmp_path):
