@@ -64,6 +64,14 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
+def cpu_timed(fn, *args, **kwargs) -> tuple[float, float]:
+    """(wall, this process's CPU) seconds of one call: on a machine others share, the CPU time is what the
+    call itself costs (a local SQLite read runs in this process; a server's or PostgreSQL's work does not)."""
+    t, c = time.perf_counter(), time.process_time()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t, time.process_time() - c
+
+
 def measure(uri: str, table: Path, label: str, db_uri: str | None = None) -> dict:
     """Every figure of one store (module docstring); ``db_uri``: the server's own database, read directly."""
     from scaling import report, sweep, tracking
@@ -77,10 +85,11 @@ def measure(uri: str, table: Path, label: str, db_uri: str | None = None) -> dic
     out["import_s"], summary = timed(import_table, table, PHASE, tracking_uri=uri)
     out["imported"] = summary.created
     exp = client.get_experiment_by_name(tracking.experiment_name(PHASE)).experiment_id
-    out["load_s"], frame = timed(report.load_runs, client, [PHASE])
-    out["load_rows"] = len(frame)
-    out["search_runs_s"], runs = timed(tracking.search_runs, client, [exp])
-    out["compare_s"], _ = timed(report.compare, PHASE, tracking_uri=uri, log_to_mlflow=False, plots=False)
+    out["load_s"], out["load_cpu_s"] = cpu_timed(report.load_runs, client, [PHASE])
+    out["load_rows"] = len(report.load_runs(client, [PHASE]))
+    out["search_runs_s"], out["search_runs_cpu_s"] = cpu_timed(tracking.search_runs, client, [exp])
+    out["compare_s"], out["compare_cpu_s"] = cpu_timed(report.compare, PHASE, tracking_uri=uri, log_to_mlflow=False,
+                                                       plots=False)
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "scaling.cli", "compare", "--phases", PHASE, "--no-mlflow",
                         "--tracking-uri", uri], capture_output=True, text=True, cwd=ROOT,
@@ -89,8 +98,8 @@ def measure(uri: str, table: Path, label: str, db_uri: str | None = None) -> dic
     if r.returncode != 0:
         out["cli_compare_error"] = r.stderr.strip()[-300:]
     cfgs = sweep.plan(load_phase(PHASE))
-    out["done_pass_s"], status = timed(sweep.grid_status, client, exp, cfgs)
-    out["done_pass_configs"] = len(status)
+    out["done_pass_s"], out["done_pass_cpu_s"] = cpu_timed(sweep.grid_status, client, exp, cfgs)
+    out["done_pass_configs"] = len(cfgs)
     if db_uri:
         direct = tracking.connect(db_uri)
         out["load_direct_db_s"], _ = timed(report.load_runs, direct, [PHASE])

@@ -2,11 +2,11 @@
 the tracking URI is an MLflow SQL database, through MLflow's ``search_runs`` otherwise.
 
 MLflow offers no column selection: ``search_runs`` builds every run whole (all params, tags and latest
-metrics), about 1 ms per run of ours on a 2-core machine, so 10,000 runs take 9-16 s. When the tracking URI
-is the SQL database itself (``sqlite:///...``, ``postgresql://...``, ``mysql://...``) the same values are
-read with one query (a column per value asked for) in a fraction of a second. A tracking server (``http://...``) hides its database: its runs come through ``search_runs``
-(docs/reliability.md has the figures). The values are MLflow's own: a param or tag as its string, a metric
-as its latest value (NaN for NaN, ±1.797e308 for ±inf, as MLflow stores them), runs newest first
+metrics), so 10,000 runs of ours take many seconds (docs/reliability.md has the figures). When the tracking
+URI is the SQL database itself (``sqlite:///...``, ``postgresql://...``, ``mysql://...``) the same values
+are read with one query, a column per value asked for. A tracking server (``http://...``) hides its
+database: its runs come through ``search_runs``. The values are MLflow's own: a param or tag as its string,
+a metric as its latest value (NaN for NaN, ±1.797e308 for ±inf, as MLflow stores them), runs newest first
 (start time descending, then run id), active runs only. Should the direct read fail (a schema this code
 does not know), the runs come through ``search_runs`` instead.
 """

@@ -83,8 +83,8 @@ def store_template() -> Path:
     """The empty SQLite store new stores start from (:func:`seed_sqlite_store`): made once per MLflow
     version in ``cache_dir()`` by MLflow's own migrations (``_initialize_tables``: the tables, nothing else),
     in write-ahead-log mode (a setting the database file keeps): a commit then costs one sync of the log
-    instead of the rollback journal's several (1.8 vs 5.7 ms on the 2-core machine; MLflow commits 6 times
-    per imported run), and readers do not block the writer (several workers on one store)."""
+    instead of the rollback journal's several (MLflow commits about six times per imported run), and
+    readers do not block the writer (several workers on one store)."""
     import sqlite3
 
     import mlflow
@@ -261,8 +261,8 @@ class Outage:
         if self.since is not None:
             with self.lock:
                 if self.since is not None:
-                    print(f"note: the MLflow tracking store answers again (after {time.monotonic() - self.since:.0f} s)",
-                          file=sys.stderr)
+                    down = time.monotonic() - self.since
+                    print(f"note: the MLflow tracking store answers again (after {down:.0f} s)", file=sys.stderr)
                 self.since = None
 
 
