@@ -127,6 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10_000)
     ap.add_argument("--no-server", action="store_true", help="Only the local SQLite store.")
+    ap.add_argument("--no-local", action="store_true", help="Only the server store.")
     ap.add_argument("--out", default=None, help="Write the results as JSON here.")
     a = ap.parse_args()
     results = {"runs": a.runs, "machine": platform.node(), "cpus": os.cpu_count(),
@@ -136,7 +137,8 @@ def main() -> None:
         os.environ["SCALING_CACHE_DIR"] = str(tmp / "cache")
         table = tmp / f"runs_{a.runs}.csv"
         write_table(table, a.runs)
-        results["stores"].append(measure(f"sqlite:///{tmp / 'local' / 'mlflow.db'}", table, "local sqlite"))
+        if not a.no_local:
+            results["stores"].append(measure(f"sqlite:///{tmp / 'local' / 'mlflow.db'}", table, "local sqlite"))
         if not a.no_server:
             server, db = server_store(tmp)
             if server is not None:

@@ -37,6 +37,7 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MAX_ITEMS_PER_BATCH = 1000
+HTTP_TIMEOUT_S = 30  # a request to a tracking server without an answer this long counts as unanswered
 
 # Tags every run of ours carries (the analysis relies on them).
 TAG_PHASE = "phase"
@@ -156,7 +157,9 @@ def connect(uri: str | None = None, check: bool = True) -> RetryingClient:
         # Ending a run through a server otherwise costs one more request (the run, for its name) and prints
         # two lines of links to stdout: 20,000 lines for an import of 10,000 rows.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # A request that has had no answer for this long counts as the store not answering (and is resent
+        # if it is safe to): long enough for a page of SERVER_PAGE runs on a loaded server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     if check:  # once, unretried: a wrong URI or a server that is not there fails in seconds
@@ -414,11 +417,15 @@ def owner_alive(owner: str | None) -> bool:
     return True
 
 
+SERVER_PAGE = 1_000  # runs per search request to a server: each stays well inside HTTP_TIMEOUT_S
+
+
 def search_runs(client, experiment_ids: list[str], filter_string: str = "", max_results: int = 50_000):
     """All runs matching ``filter_string`` (paged), as MLflow ``Run`` objects."""
     runs, token = [], None
+    page_size = SERVER_PAGE if client.tracking_uri.startswith(("http://", "https://")) else 10_000
     while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=min(max_results, 10_000),
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=min(max_results, page_size),
                                   page_token=token)
         runs.extend(page)
         token = page.token

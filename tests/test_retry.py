@@ -141,3 +141,24 @@ def test_log_record_packs_each_request_within_mlflows_limits():
     assert sum(t for _, _, t in sent) == 120
     assert all(m <= 1000 and p <= 100 and t <= 100 and m + p + t <= 1000 for m, p, t in sent)
     assert len(sent) == 3  # 100 params + 100 tags + 800 metrics, then 100 + 20 + 880, then 50 + 820
+
+
+def test_a_server_is_searched_in_pages_each_well_inside_the_request_timeout():
+    class Page(list):
+        token = None
+
+    class Client:
+        def __init__(self, uri):
+            self.tracking_uri, self.asked = uri, []
+
+        def search_runs(self, ids, filter_string="", max_results=0, page_token=None):
+            self.asked.append(max_results)
+            page = Page(range(max_results))
+            page.token = None if len(self.asked) == 3 else str(len(self.asked))
+            return page
+
+    server, local = Client("http://mlflow:5000"), Client("sqlite:///m.db")
+    assert len(tracking.search_runs(server, ["1"])) == 3 * tracking.SERVER_PAGE
+    assert server.asked == [tracking.SERVER_PAGE] * 3 and tracking.SERVER_PAGE <= 1000
+    tracking.search_runs(local, ["1"])
+    assert local.asked[0] == 10_000
