@@ -21,8 +21,16 @@ UNSET = ("", "none", "None", "null")
 ONLY_EMPTY_UNSET = ("",)  # for --clip/--clips, where "none" is a value: no clipping
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as the CLI gives them: one line, exit code 2 (argparse prints the usage too)."""
+
+    def error(self, message):
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = OneLineParser(description=description)
     p.add_argument("--phase", default="")
     p.add_argument("--phase-file", default="")
     p.add_argument("--steps", default="0")

@@ -5,6 +5,7 @@ from _common import ONLY_EMPTY_UNSET, flag, number, optional, parser, phase_args
 if __name__ == "__main__":
     p = parser(__doc__)
     p.add_argument("--workers", default="1")
+    p.add_argument("--devices", default="")
     p.add_argument("--storage", default="")
     p.add_argument("--retry-failed", default="false")
     p.add_argument("--batch-sizes", default="")
@@ -13,7 +14,8 @@ if __name__ == "__main__":
     p.add_argument("--compile-mode", default="")
     a = p.parse_args()
     argv = ["sweep", *phase_args(a), "--workers", str(number(a.workers, "workers"))]
-    for option, value in (("--storage", a.storage), ("--batch-sizes", a.batch_sizes), ("--lrs", a.lrs)):
+    for option, value in (("--storage", a.storage), ("--batch-sizes", a.batch_sizes), ("--lrs", a.lrs),
+                          ("--devices", a.devices)):
         optional(argv, option, value)
     optional(argv, "--clips", a.clips, ONLY_EMPTY_UNSET)
     if flag(a.retry_failed):

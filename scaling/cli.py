@@ -150,6 +150,24 @@ _NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8
 FAST_EXIT_COMMANDS = ("train", "sweep", "search")
 
 
+class _ValueCheckedCommand(click.Command):
+    """An option followed by another of the command's options has no value: click would take the second
+    option as the first one's value (``--storage --workers 2``: a storage URL '--workers'); this is the
+    usage error it means."""
+
+    def parse_args(self, ctx, args):
+        options = {o for p in self.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+        wants_value = {o for p in self.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+                       for o in p.opts}
+        for option, following in zip(args, args[1:]):
+            if following == "--":
+                break
+            if option in wants_value and following in options:
+                raise click.BadOptionUsage(option, f"Option '{option}' requires an argument (got the option "
+                                                   f"'{following}').", ctx=ctx)
+        return super().parse_args(ctx, args)
+
+
 class _OneLineErrors(click.Group):
     """The one place bad input becomes one line and exit code 2: a ConfigError (and its TrackingError /
     DataError kin) raised by a command as ``error: <what>``, and click's usage errors (which click prints
@@ -160,14 +178,16 @@ class _OneLineErrors(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except ConfigError as e:
+        except ConfigError as e:  # exit 2; a store gone mid-run (StoreUnavailable) exits 3
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
         except _NO_ARGS_HELP as e:  # a bare `scaling`: the help, as click gives it
             e.show()
             sys.exit(e.exit_code)
         except click.UsageError as e:
-            where = e.ctx.command_path if e.ctx is not None else "scaling"
+            # An option's missing value fails before its command has a context: name the command anyway.
+            where = e.ctx.command_path if e.ctx is not None else " ".join(
+                filter(None, [prog_name or "scaling", getattr(self, "command_run", None)]))
             click.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
             sys.exit(2)
         except click.ClickException as e:
@@ -179,6 +199,8 @@ class _OneLineErrors(click.Group):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    command_class = _ValueCheckedCommand
 
     def resolve_command(self, ctx, args):
         name, cmd, rest = super().resolve_command(ctx, args)
@@ -325,6 +347,9 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
 @click.option("--clips", callback=_clips, default=None, help="Override the grid's clip thresholds (none = off).")
 @click.option("--seeds", callback=_ints, default=None, help="Override the phase's seeds.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--devices", default=None, help="Devices the workers train on, round-robin, e.g. cuda:0,cuda:1 "
+              "(default: every visible GPU; cpu,cpu on a machine without one). Each run records its own in the "
+              "param `device`.")
 @click.option("--storage", default=None, help="Claims database shared by all workers (SQLAlchemy URL; default "
               "sqlite beside the MLflow store, e.g. mlruns/sweeps.db; postgresql://... for many machines).")
 @click.option("--retry-failed", is_flag=True, help="Rerun configs whose runs FAILED (not diverged).")
@@ -337,12 +362,14 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
 @COMPILE_MODE
 def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_batches, log_interval,
           checkpoint_every, device, data_dir, splits, tracking_uri, quiet, batch_sizes, lrs, clips, seeds, workers,
-          storage, retry_failed, sweep_name, group_size, compile_, compile_mode, variants):
+          devices, storage, retry_failed, sweep_name, group_size, compile_, compile_mode, variants):
     """Run a phase's whole grid: one MLflow parent run, one child per config; resumable, parallel."""
+    from scaling.devices import parse_devices
     from scaling.sweep import run_sweep
     from scaling.train import resolve_device
 
-    on_cuda = resolve_device(device).type == "cuda"
+    devices = parse_devices(devices)
+    on_cuda = resolve_device(devices[0] if devices else device).type == "cuda"
 
     phase = load_phase_with_overrides(phase_name, phase_file, steps=steps, tokens=tokens, warmup=warmup,
                                       eval_interval=eval_interval, eval_batches=eval_batches,
@@ -351,7 +378,7 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
     group_size = group_size or (len(phase.grid_points()) if on_cuda else 1)
     summary = run_sweep(phase, device=device, data_dir=data_dir, splits=parse_splits(splits),
                         tracking_uri=tracking_uri, storage=storage, workers=workers, retry_failed=retry_failed,
-                        progress=not quiet, sweep_name=sweep_name, group_size=group_size,
+                        progress=not quiet, sweep_name=sweep_name, group_size=group_size, devices=devices,
                         compile=_compile_arg(on_cuda if compile_ is None else compile_, compile_mode,
                                              batched=group_size > 1))
     for line in summary.lines():

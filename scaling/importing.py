@@ -16,10 +16,12 @@ import csv
 import hashlib
 import io
 import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scaling import tracking
+from scaling import runs_table, tracking
 from scaling.config import ConfigError, Phase, first_line, load_phase
 
 TAG_IMPORT_KEY = "scaling.import_key"
@@ -34,6 +36,7 @@ ALIASES = {"gradient_clip": "grad_clip", "clip": "grad_clip", "num_steps": "step
 METRICS = ("final_train_loss", "final_val_loss", "train_loss_std", "avg_grad_norm_before",
            "avg_grad_norm_after", "avg_clip_frequency", "min_val_loss", "min_val_loss_step",
            "val_loss_rise", "tokens_seen", "n_params", "tail_index_alpha")
+IMPORT_JOBS = 8  # runs created at once through a server (import_jobs)
 BOOL_TRUE = ("true", "1", "yes", "y", "t")
 BOOL_FALSE = ("false", "0", "no", "n", "f")
 
@@ -212,9 +215,10 @@ def _baselines(phase: Phase, data_dir, splits) -> tuple[dict[str, float] | None,
 
 def import_table(path: str | Path, phase: str | None = None, tracking_uri: str | None = None,
                  phase_file: str | Path | None = None, data_dir: str | Path | None = None,
-                 splits: tuple[str, str] | None = None) -> ImportSummary:
+                 splits: tuple[str, str] | None = None, jobs: int | None = None) -> ImportSummary:
     """Import ``path`` as runs of ``phase`` (a built-in name, or the phase of ``phase_file``).
-    Idempotent; all-or-nothing; ConfigError/TrackingError with one line on bad input."""
+    Idempotent; all-or-nothing; ConfigError/TrackingError with one line on bad input. ``jobs``: runs
+    created at once (default :func:`import_jobs`)."""
     if phase is None and phase_file is None:
         raise ConfigError("give the phase the table belongs to: --phase NAME or --phase-file FILE")
     ph = load_phase(phase if phase_file is None else None, phase_file)
@@ -238,60 +242,92 @@ def import_table(path: str | Path, phase: str | None = None, tracking_uri: str |
     client = tracking.connect(tracking_uri)
     baselines, note = _baselines(ph, data_dir, splits)
     exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(ph.name))
-    existing = set()
-    for run in tracking.search_runs(client, [exp_id], filter_string=f"tags.{tracking.TAG_SOURCE} = 'import'"):
-        k = run.data.tags.get(TAG_IMPORT_KEY)
-        if k:
-            existing.add(k)
+    existing = {r.tags.get(TAG_IMPORT_KEY) for r in runs_table.fetch_runs(
+        client, exp_id, runs_table.Columns(tags=(TAG_IMPORT_KEY,)), tag_equals={tracking.TAG_SOURCE: "import"})}
     summary = ImportSummary(file=Path(path).name, phase=ph.name, experiment_id=exp_id, rows=len(rows),
                             created=0, skipped=0, baselines=baselines, baselines_note=note,
                             learned={"true": 0, "false": 0, "unknown": 0})
-    created: list[str] = []
+    todo = [(r, cfg) for r, cfg in resolved if r.key not in existing]
+    summary.skipped = len(resolved) - len(todo)
+    batch = _ImportBatch(client, exp_id, Path(path).name, baselines)
     try:
-        for r, cfg in resolved:
-            if r.key in existing:
-                summary.skipped += 1
-                continue
-            created.append(_create_run(client, exp_id, path, r, cfg, baselines, summary))
-    except Exception as e:
-        for run_id in created:  # all or nothing
-            try:
-                client.delete_run(run_id)
-            except Exception:
-                pass
-        if isinstance(e, ConfigError):
+        batch.create_all(todo, import_jobs(client.tracking_uri) if jobs is None else jobs)
+    except BaseException as e:
+        batch.delete_all()  # all or nothing
+        if isinstance(e, ConfigError) or not isinstance(e, Exception):
             raise
         raise tracking.TrackingError(f"import failed, nothing imported: {first_line(e)}") from None
-    summary.created = len(created)
-    summary.run_ids = created
+    summary.created = len(batch.created)
+    summary.run_ids = batch.created
+    summary.learned.update(batch.learned)
     return summary
 
 
-def _create_run(client, exp_id: str, path, r: _Row, cfg, baselines, summary: ImportSummary) -> str:
-    learned = tracking.learned_tag(r.metrics.get("final_val_loss"), (baselines or {}).get("baseline_unigram_loss"),
-                                   r.diverged)
-    summary.learned[learned] += 1
-    converged = (not r.diverged) if r.converged is None else r.converged
-    tags = {
-        tracking.TAG_PHASE: cfg.phase.name, tracking.TAG_CONFIG_HASH: cfg.config_hash(),
-        tracking.TAG_SOURCE: "import", tracking.TAG_DIVERGED: str(r.diverged).lower(),
-        tracking.TAG_CONVERGED: str(converged).lower(), tracking.TAG_LEARNED: learned,
-        TAG_IMPORT_FILE: Path(path).name, TAG_IMPORT_ROW: str(r.line), TAG_IMPORT_KEY: r.key,
-        "mlflow.runName": f"import {Path(path).name}:{r.line}",
-    }
-    run = tracking.with_retry(client.create_run, exp_id, tags=tags)
-    run_id = run.info.run_id
-    params = cfg.to_params()
-    params.update({"converged": converged, "data_source": "import", "device": "unknown"})
-    for k, v in r.extra.items():
-        params.setdefault(k, v)
-    tracking.log_params(client, run_id, params)
-    metrics = dict(r.metrics)
-    metrics.setdefault("tokens_seen", float(cfg.steps * cfg.tokens_per_step))
-    if "min_val_loss" in metrics and "final_val_loss" in metrics:
-        metrics.setdefault("val_loss_rise", metrics["final_val_loss"] - metrics["min_val_loss"])
-    if baselines:
-        metrics.update({k: float(v) for k, v in baselines.items()})
-    tracking.log_metrics(client, run_id, [(k, v, cfg.steps) for k, v in metrics.items()])
-    tracking.with_retry(client.set_terminated, run_id, "FAILED" if r.diverged else "FINISHED")
-    return run_id
+def import_jobs(tracking_uri: str) -> int:
+    """Runs created at once: several for a server or a client-server database (their requests wait on the
+    network, and the store takes concurrent writes); one for SQLite (a single writer)."""
+    return 1 if tracking_uri.startswith("sqlite") else IMPORT_JOBS
+
+
+@dataclass
+class _ImportBatch:
+    """The runs of one import as they are created (by one or several threads)."""
+
+    client: object
+    exp_id: str
+    file: str
+    baselines: dict[str, float] | None
+    created: list[str] = field(default_factory=list)  # appended at creation: what to delete on failure
+    learned: Counter = field(default_factory=Counter)
+
+    def create_all(self, todo: list, jobs: int) -> None:
+        if jobs <= 1:
+            for r, cfg in todo:
+                self.learned[self.create(r, cfg)] += 1
+            return
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(self.create, r, cfg) for r, cfg in todo]
+            try:
+                for f in futures:
+                    self.learned[f.result()] += 1
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def delete_all(self) -> None:
+        for run_id in self.created:
+            try:
+                self.client.delete_run(run_id)
+            except Exception:
+                pass
+
+    def create(self, r: _Row, cfg) -> str:
+        """One FINISHED (or diverged: FAILED) run for a row in three requests: create (with its tags), one
+        ``log_batch`` (params and metrics), end. Its ``learned`` tag is returned."""
+        learned = tracking.learned_tag(r.metrics.get("final_val_loss"),
+                                       (self.baselines or {}).get("baseline_unigram_loss"), r.diverged)
+        converged = (not r.diverged) if r.converged is None else r.converged
+        tags = {
+            tracking.TAG_PHASE: cfg.phase.name, tracking.TAG_CONFIG_HASH: cfg.config_hash(),
+            tracking.TAG_SOURCE: "import", tracking.TAG_DIVERGED: str(r.diverged).lower(),
+            tracking.TAG_CONVERGED: str(converged).lower(), tracking.TAG_LEARNED: learned,
+            TAG_IMPORT_FILE: self.file, TAG_IMPORT_ROW: str(r.line), TAG_IMPORT_KEY: r.key,
+            "mlflow.runName": f"import {self.file}:{r.line}",
+        }
+        run_id = tracking.with_retry(self.client.create_run, self.exp_id, tags=tags, idempotent=False).info.run_id
+        self.created.append(run_id)
+        params = cfg.to_params()
+        params.update({"converged": converged, "data_source": "import", "device": "unknown"})
+        for k, v in r.extra.items():
+            params.setdefault(k, v)
+        metrics = dict(r.metrics)
+        metrics.setdefault("tokens_seen", float(cfg.steps * cfg.tokens_per_step))
+        if "min_val_loss" in metrics and "final_val_loss" in metrics:
+            metrics.setdefault("val_loss_rise", metrics["final_val_loss"] - metrics["min_val_loss"])
+        if self.baselines:
+            metrics.update({k: float(v) for k, v in self.baselines.items()})
+        tracking.log_record(self.client, run_id, params=params,
+                            metrics=[(k, v, cfg.steps) for k, v in metrics.items()])
+        tracking.with_retry(self.client.set_terminated, run_id, "FAILED" if r.diverged else "FINISHED")
+        return learned

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from scaling import analysis, sibling_report, tracking
+from scaling import analysis, runs_table, sibling_report, tracking
 from scaling.config import ConfigError, builtin_phase_names, first_line
 
 SCHEMA_VERSION = 2
@@ -49,9 +49,17 @@ def parse_phases(phases) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+RUN_COLUMNS = runs_table.Columns(
+    params=("batch_size", "lr", "grad_clip", "seed", "budget_kind", "budget"),
+    tags=(tracking.TAG_DIVERGED, tracking.TAG_LEARNED, tracking.TAG_SOURCE),
+    metrics=analysis.METRIC_COLUMNS)
+
+
 def load_runs(client, phases: list[str]) -> pd.DataFrame:
-    """The runs table of :mod:`scaling.analysis` for ``phases``, from each phase's experiment.
-    ConfigError for a phase without an experiment (unknown) or without runs."""
+    """The runs table of :mod:`scaling.analysis` for ``phases``, from each phase's experiment: only the
+    columns the analysis reads (:func:`scaling.runs_table.fetch_runs`: straight from a SQL store's tables,
+    through ``search_runs`` from a server). ConfigError for a phase without an experiment (unknown) or
+    without runs."""
     frames = []
     uri = client.tracking_uri
     for p in phases:
@@ -63,7 +71,7 @@ def load_runs(client, phases: list[str]) -> pd.DataFrame:
                                   f"or `scaling import FILE --phase {p}` first")
             raise ConfigError(f"unknown phase {p!r}: no experiment {tracking.experiment_name(p)!r} in {uri} "
                               f"and no built-in phase of that name (built-in: {', '.join(builtin_phase_names())})")
-        rows = [_run_row(r, p) for r in tracking.search_runs(client, [exp.experiment_id])]
+        rows = [_run_row(r, p) for r in runs_table.fetch_runs(client, exp.experiment_id, RUN_COLUMNS)]
         rows = [r for r in rows if r is not None]
         if not rows:
             raise ConfigError(f"phase {p!r} has no runs in {uri} (experiment {tracking.experiment_name(p)!r} is empty)")
@@ -71,13 +79,13 @@ def load_runs(client, phases: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _run_row(run, phase: str) -> dict[str, Any] | None:
+def _run_row(run: runs_table.RunRecord, phase: str) -> dict[str, Any] | None:
     """Only the fields the analysis reads; None for runs that are not one configuration (parents)."""
-    p, t, m = run.data.params, run.data.tags, run.data.metrics
+    p, t, m = run.params, run.tags, run.metrics
     if "batch_size" not in p or "lr" not in p:
         return None
-    row = {"run_id": run.info.run_id, "phase": phase, "batch_size": p["batch_size"], "lr": p["lr"],
-           "grad_clip": p.get("grad_clip"), "seed": p.get("seed"), "status": run.info.status,
+    row = {"run_id": run.run_id, "phase": phase, "batch_size": p["batch_size"], "lr": p["lr"],
+           "grad_clip": p.get("grad_clip"), "seed": p.get("seed"), "status": run.status,
            "diverged": t.get(tracking.TAG_DIVERGED), "learned": t.get(tracking.TAG_LEARNED),
            "source": t.get(tracking.TAG_SOURCE), "budget_kind": p.get("budget_kind"), "budget": p.get("budget")}
     for k in analysis.METRIC_COLUMNS:

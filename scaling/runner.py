@@ -23,11 +23,10 @@ from typing import Any
 import torch
 
 from scaling import tracking
+from scaling.checkpoints import CheckpointRecord, load_checkpoint, save_checkpoint
 from scaling.config import ConfigError, RunConfig, compile_text, error_line, first_line, say_warmup
 from scaling.data import HUB_CONFIG, Corpus, load_corpus
 from scaling.train import Hooks, Pruned, TrainResult, resolve_device, train
-
-CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 
 
 @dataclass
@@ -92,7 +91,11 @@ class MetricSink(_Worker):
 
     One thread for a whole batched group: one store connection at a time, however many runs (a
     thread per run exhausts a SQL store's connection pool). Rows queued meanwhile are coalesced
-    into ``log_batch`` requests of at most 1,000 values; a failed request is retried with backoff.
+    into ``log_batch`` requests of at most 1,000 values. A store that stops answering is waited for
+    (``tracking.with_retry``: the rows stay queued, none is lost; a request is resent with the same
+    timestamps, which the store keeps once); past the retry limit the next ``put`` raises
+    :class:`~scaling.tracking.StoreUnavailable` in the training thread, which ends the run resumable.
+    Any other failed request is retried a few times with backoff, then reported at ``close``.
     """
 
     failure = "some step metrics could not be logged"
@@ -102,35 +105,47 @@ class MetricSink(_Worker):
         super().__init__()
 
     def put(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        if isinstance(self.error, tracking.StoreUnavailable):
+            raise self.error
         self.q.put((run_id, [(k, v, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]))
+
+    def _next_batch(self) -> tuple[dict[str, list], bool]:
+        """What has queued up, per run (blocking for the first item); whether the queue was closed."""
+        item = self.q.get()
+        if item is None:
+            return {}, True
+        pending: dict[str, list] = {item[0]: list(item[1])}
+        while True:
+            try:
+                more = self.q.get_nowait()
+            except queue.Empty:
+                return pending, False
+            if more is None:
+                return pending, True
+            pending.setdefault(more[0], []).extend(more[1])
+
+    def _send(self, run_id: str, rows: list) -> None:
+        for attempt in range(6):
+            try:
+                with _BACKGROUND:
+                    tracking.log_metrics(self.client, run_id, rows)
+                return
+            except tracking.StoreUnavailable as e:
+                self.error = e
+                return
+            except Exception as e:  # surfaced at close(); training goes on
+                if attempt == 5:
+                    self.error = e
+                else:
+                    time.sleep(0.2 * 2 ** attempt)
 
     def _work(self) -> None:
         stop = False
         while not stop:
-            item = self.q.get()
-            if item is None:
-                return
-            pending: dict[str, list] = {item[0]: list(item[1])}
-            while True:  # coalesce what has queued up
-                try:
-                    more = self.q.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                pending.setdefault(more[0], []).extend(more[1])
+            pending, stop = self._next_batch()
             for run_id, rows in pending.items():
-                for attempt in range(6):
-                    try:
-                        with _BACKGROUND:
-                            tracking.log_metrics(self.client, run_id, rows)
-                        break
-                    except Exception as e:  # surfaced at close(); training goes on
-                        if attempt == 5:
-                            self.error = e
-                        else:
-                            time.sleep(0.2 * 2 ** attempt)
+                if not isinstance(self.error, tracking.StoreUnavailable):
+                    self._send(run_id, rows)
 
 
 def _map(obj, fn, leaf=torch.Tensor):
@@ -178,10 +193,11 @@ class CheckpointWriter(_Worker):
     """Writes checkpoint states as MLflow artifacts from ONE background thread (off the training loop).
 
     ``put`` snapshots the state (one device-side copy per dtype, :func:`_pack`) and returns at once; the
-    thread copies it to the host, ``torch.save``s it and logs it as ``checkpoints/last.pt``, in the order given (a run's later
-    checkpoint always lands after its earlier one). At most ``max_pending`` states wait; ``put`` blocks
-    beyond that. ``close`` writes everything still queued — call it before a run is ended (FINISHED,
-    KILLED or FAILED), so an interrupted run keeps its newest checkpoint.
+    thread copies it to the host and saves it (:func:`scaling.checkpoints.save_checkpoint`: atomically, with a
+    checksum recorded), in the order given (a run's later checkpoint always lands after its earlier one).
+    At most ``max_pending`` states wait; ``put`` blocks beyond that. ``close`` writes everything still
+    queued — call it before a run is ended (FINISHED, KILLED or FAILED), so an interrupted run keeps its
+    newest checkpoint.
     """
 
     failure = "a checkpoint could not be written"
@@ -189,9 +205,12 @@ class CheckpointWriter(_Worker):
     def __init__(self, client, max_pending: int = 64):
         self.client = client
         self.lost: dict[str, str] = {}  # run id → why a checkpoint of it was not written
+        self.records: dict[str, list[CheckpointRecord]] = {}  # run id → its checkpoint records, as last saved
         super().__init__(max_pending)
 
     def put(self, run_id: str, state: dict) -> None:
+        if isinstance(self.error, tracking.StoreUnavailable):  # the run ends resumable
+            raise self.error
         if self.error is not None:  # a lost checkpoint fails the run, as a synchronous write would
             raise RuntimeError(f"checkpoint writing failed: {self.error}") from self.error
         self.q.put((run_id, _pack(state)))
@@ -204,15 +223,16 @@ class CheckpointWriter(_Worker):
             if self.error is None:
                 try:
                     with _BACKGROUND:
-                        save_checkpoint(self.client, item[0], _unpack(*item[1]))
+                        self.records[item[0]] = save_checkpoint(self.client, item[0], _unpack(*item[1]),
+                                                                self.records.get(item[0]))
                 except Exception as e:
                     self.error = e
             if self.error is not None:  # this one and every later one are lost
                 self.lost.setdefault(item[0], error_line(self.error))
 
 
-class _Terminated(BaseException):
-    pass
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread while :func:`sigterm_as_interrupt` is active."""
 
 
 @contextmanager
@@ -223,7 +243,7 @@ def sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise _Terminated()
+        raise Terminated()
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
@@ -279,6 +299,13 @@ def _dataset_input(corpus: Corpus, cfg: RunConfig):
     return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
+def device_label(dev: torch.device) -> str:
+    """The full device string a run records (``cuda:1``, not ``cuda``: several GPUs train side by side)."""
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(dev)
+
+
 def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source: str,
               parent_run_id: str | None = None, extra_tags: dict | None = None, run_name: str | None = None) -> str:
     exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(cfg.phase.name))
@@ -302,7 +329,7 @@ def start_run(client, cfg: RunConfig, corpus: Corpus, dev: torch.device, source:
 
 def _describe_run(client, run_id: str, cfg: RunConfig, corpus: Corpus, dev: torch.device) -> None:
     """A new run's params, dataset input and config.json artifact."""
-    params = dict(cfg.to_params(), device=dev.type, dataset_fingerprint=corpus.fingerprint,
+    params = dict(cfg.to_params(), device=device_label(dev), dataset_fingerprint=corpus.fingerprint,
                   data_source=corpus.source[:490])
     tracking.log_params(client, run_id, params)
     try:
@@ -313,34 +340,6 @@ def _describe_run(client, run_id: str, cfg: RunConfig, corpus: Corpus, dev: torc
         p = Path(d) / "config.json"
         p.write_text(json.dumps(cfg.to_params(), indent=2, sort_keys=True))
         client.log_artifact(run_id, str(p))
-
-
-def load_checkpoint(client, run_id: str) -> dict | None:
-    """The run's last checkpoint state, or None if it has none yet — or none that can be read: a run
-    killed while its checkpoint was being copied into the artifact store leaves a truncated file, and it
-    then trains again from step 0 (said on stderr) rather than stopping the resume or the sweep."""
-    try:
-        names = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
-    except Exception:
-        return None
-    if CHECKPOINT_ARTIFACT not in names:
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, d)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            print(f"run {run_id}: its checkpoint cannot be read ({error_line(e, 120)}); "
-                  "training it again from step 0", file=sys.stderr)
-            return None
-    return state if isinstance(state, dict) and "step" in state else None
-
-
-def save_checkpoint(client, run_id: str, state: dict) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "last.pt"
-        torch.save(state, p)
-        tracking.with_retry(client.log_artifact, run_id, str(p), "checkpoints")
 
 
 def finish_run(client, run_id: str, cfg: RunConfig, result: TrainResult,
@@ -490,26 +489,35 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
                            sink, writer, killed)[0]
 
 
+def _close_all(recs: list[RunRecorder], status: str) -> None:
+    """End every run with ``status``; a store that is gone leaves them as they are (resumable)."""
+    for r in recs:
+        try:
+            r.close(status)
+        except tracking.StoreUnavailable:
+            pass
+
+
 def _train_recorded(fit, client, cfgs: list[RunConfig], recs: list[RunRecorder], sink: MetricSink,
                     writer: CheckpointWriter, on_killed=None, extra_metrics=None) -> list[RunOutcome]:
     """Run ``fit()`` (one TrainResult per run) and end the runs: on Ctrl-C or SIGTERM every run's rows
     and checkpoints are written and the runs closed KILLED, on an error FAILED; otherwise written, closed
     and finished (with the metrics ``extra_metrics()`` returns then, if given). A signal that comes while
-    the last rows are written is raised again once the runs are recorded."""
+    the last rows are written is raised again once the runs are recorded. A store that stopped answering
+    (StoreUnavailable) is not the runs' failure: they are left to be resumed (KILLED if the store answers
+    again in time, else RUNNING with a dead owner)."""
     try:
         with sigterm_as_interrupt(), quick_gil_handoff():
             results = fit()
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         _drain(sink, writer)
-        for r in recs:
-            r.close("KILLED")
+        _close_all(recs, "KILLED")
         if on_killed is not None:
             on_killed()
         raise KeyboardInterrupt from None
-    except BaseException:
+    except BaseException as e:
         _drain(sink, writer)
-        for r in recs:
-            r.close("FAILED")
+        _close_all(recs, "KILLED" if isinstance(e, tracking.StoreUnavailable) else "FAILED")
         raise
     interrupted = _drain(sink, writer)
     for r in recs:
@@ -567,5 +575,5 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
                            client, cfgs, recs, sink, writer, extra_metrics=lambda: timing_metrics(timings))
 
 
-__all__ = ["RunOutcome", "CheckpointWriter", "MetricSink", "run_config", "run_group", "prepare", "open_run", "start_run", "finish_run",
-           "load_checkpoint", "save_checkpoint", "Pruned"]
+__all__ = ["RunOutcome", "CheckpointWriter", "MetricSink", "run_config", "run_group", "prepare", "open_run",
+           "start_run", "finish_run", "load_checkpoint", "save_checkpoint", "device_label", "Terminated", "Pruned"]

@@ -383,7 +383,7 @@ def run_search(phase: Phase, batch_sizes: Sequence[int], trials: int = 12, *, sa
                     parent=parent, search_id=search_id, objective_fn=objective_fn, seed=seed,
                     prepared=prepared, progress=progress, group=group,
                     compile=compile, noise=noise))
-    except (KeyboardInterrupt, runner._Terminated):
+    except (KeyboardInterrupt, runner.Terminated):
         if parent:
             tracking.with_retry(client.set_terminated, parent, "KILLED")
         print(f"interrupted: search {search_id} stopped; rerun the same command to resume it", file=sys.stderr)
@@ -568,11 +568,11 @@ def _evaluate(study, trials: list, phase: Phase, b: int, *, splits, client, exp_
                     outcomes.append(runner.run_config(cfg, resume_run_id=resume, progress=progress, source="search",
                                                       parent_run_id=parent, extra_tags=tags, on_eval=on_eval,
                                                       prepared=prepared))
-                except (KeyboardInterrupt, runner._Terminated):
+                except (KeyboardInterrupt, runner.Terminated):
                     raise
                 except Exception as e:
                     outcomes.append(e)
-    except (KeyboardInterrupt, runner._Terminated):
+    except (KeyboardInterrupt, runner.Terminated):
         for trial, *_ in todo:
             if trial.number not in {t.number for t in study.get_trials(deepcopy=False, states=(S.COMPLETE,
                                                                                                  S.PRUNED, S.FAIL))}:

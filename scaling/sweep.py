@@ -22,6 +22,7 @@ returns one :class:`WorkResult` per item. ``scaling.runner.start_run`` / ``finis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from typing import Callable, Sequence
 
 from scaling import tracking
 from scaling.config import ConfigError, Phase, RunConfig, clip_text, error_line, first_line, positive_int, say_warmup
+from scaling.devices import default_devices, worker_devices
 
 TAG_SWEEP_ID = "scaling.sweep_id"
 TAG_SEARCH_ID = "scaling.search_id"  # a search's parent run (scaling.search) and its trials
@@ -283,15 +285,6 @@ class ConfigResult:
     learned: bool | None = None  # below the unigram baseline (the run's `learned` tag); None: not known
 
 
-def _runs_by_hash(client, exp_id: str, hashes: set[str]) -> dict[str, list]:
-    out: dict[str, list] = {h: [] for h in hashes}
-    for r in tracking.search_runs(client, [exp_id]):
-        h = r.data.tags.get(tracking.TAG_CONFIG_HASH)
-        if h in out:
-            out[h].append(r)
-    return out
-
-
 def runs_of_config(client, exp_id: str, config_hash: str) -> list:
     return tracking.search_runs(client, [exp_id], f"tags.{tracking.TAG_CONFIG_HASH} = '{config_hash}'")
 
@@ -325,12 +318,29 @@ def classify(cfg: RunConfig, runs: list, retry_failed: bool = False, session_sta
     return res
 
 
+@dataclass
+class GridView:
+    """What one process has seen of its grid: configurations found done (FINISHED or diverged) stay done,
+    so a later pass asks MLflow only about the others."""
+
+    done: dict[str, ConfigResult] = field(default_factory=dict)
+
+
 def grid_status(client, exp_id: str, cfgs: Sequence[RunConfig], retry_failed: bool = False,
-                session_start_ms: int = 0) -> dict[str, ConfigResult]:
-    """Each config's state (by config hash), from one scan of the phase's experiment."""
-    hashes = [(c, c.config_hash()) for c in cfgs]
-    runs = _runs_by_hash(client, exp_id, {h for _, h in hashes})
-    return {h: classify(c, runs[h], retry_failed, session_start_ms) for c, h in hashes}
+                session_start_ms: int = 0, view: GridView | None = None) -> dict[str, ConfigResult]:
+    """Each config's state (by config hash): one query per configuration not yet known done, for the runs
+    tagged with its ``config_hash`` (never a scan of the phase's experiment, which may hold thousands of
+    runs: imports, searches, other grids)."""
+    out = {}
+    for c in cfgs:
+        h = c.config_hash()
+        known = view.done.get(h) if view is not None else None
+        if known is None:
+            known = classify(c, runs_of_config(client, exp_id, h), retry_failed, session_start_ms)
+            if view is not None and known.state in ("FINISHED", "DIVERGED"):
+                view.done[h] = known
+        out[h] = known
+    return out
 
 
 def best_lr_by_batch_size(results) -> dict[int, tuple[float, float]]:
@@ -485,7 +495,7 @@ def claim_work(store: ClaimStore, client, ctx: SweepContext, todo: Sequence[RunC
         if classify(cfg, fresh, ctx.retry_failed, ctx.session_start_ms).state != "PENDING":
             store.release(ctx.sweep_id, h, owner)
             continue
-        resume, is_busy = _resume_target(client, fresh, claim.previous_owner, owner)
+        resume, is_busy = _resume_target(client, fresh, claim.previous_owner, owner, ctx.sweep_id)
         if is_busy:  # a live process outside this sweep trains it (e.g. `scaling train`)
             store.release(ctx.sweep_id, h, owner)
             busy.add(h)
@@ -494,15 +504,21 @@ def claim_work(store: ClaimStore, client, ctx: SweepContext, todo: Sequence[RunC
     return items, busy
 
 
-def _resume_target(client, runs: list, previous_owner: str | None, me: str) -> tuple[str | None, bool]:
-    """The run to continue (newest KILLED or dead-owner RUNNING), marking older stale ones FAILED."""
+def _resume_target(client, runs: list, previous_owner: str | None, me: str,
+                   sweep_id: str | None = None) -> tuple[str | None, bool]:
+    """The run to continue (newest KILLED or dead-owner RUNNING), marking older stale ones FAILED.
+
+    A RUNNING run of this sweep is stale whoever its owner was: the caller holds the config's claim, so
+    no live worker of the sweep trains it (a worker on another host that gave up, e.g. when the
+    tracking server was gone too long, cannot be judged by its pid)."""
     stale, busy = [], False
     for r in runs:
         owner = r.data.tags.get(tracking.TAG_OWNER)
         if r.info.status == "KILLED" and r.data.tags.get("pruned") != "true":
             stale.append(r)
         elif r.info.status in ("RUNNING", "SCHEDULED"):
-            if owner == me or owner == previous_owner or not tracking.owner_alive(owner):
+            ours = sweep_id is not None and r.data.tags.get(TAG_SWEEP_ID) == sweep_id
+            if ours or owner == me or owner == previous_owner or not tracking.owner_alive(owner):
                 stale.append(r)
             else:
                 busy = True
@@ -541,6 +557,8 @@ def train_sequential(items: list[WorkItem], ctx: SweepContext, prepared: dict) -
                                         parent_run_id=ctx.parent_run_id,
                                         extra_tags={TAG_SWEEP_ID: ctx.sweep_id}, prepared=prepared[key])
             out.append(WorkResult(item, outcome=outcome))
+        except tracking.StoreUnavailable:
+            raise  # not the configuration's failure: this worker stops, the run is resumed later
         except Exception as e:  # recorded FAILED by the runner; the sweep goes on
             out.append(_failed(item, e, ctx))
     return out
@@ -562,6 +580,8 @@ def train_grouped(items: list[WorkItem], ctx: SweepContext, prepared: dict) -> l
                                     progress=ctx.progress, source="sweep", parent_run_id=ctx.parent_run_id,
                                     extra_tags=[{TAG_SWEEP_ID: ctx.sweep_id} for _ in items], prepared=prepared[key],
                                     compile=ctx.compile)
+    except tracking.StoreUnavailable:
+        raise
     except Exception as e:
         return [_failed(i, e, ctx) for i in items]
     return [WorkResult(i, outcome=o) for i, o in zip(items, outcomes)]
@@ -605,9 +625,10 @@ def work_loop(ctx: SweepContext, engine: Engine | None = None, group_size: int =
     busy_outside: set[str] = set()
     beat = Heartbeat(store, owner, ctx.heartbeat_interval)
     held: list[WorkItem] = []
+    view = GridView()
     try:
         while True:
-            status = grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms)
+            status = grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms, view)
             if on_status is not None:
                 on_status(status)
             todo = [c for c in ctx.cfgs if status[c.config_hash()].state == "PENDING"
@@ -635,21 +656,23 @@ def work_loop(ctx: SweepContext, engine: Engine | None = None, group_size: int =
 
 
 def _worker_main(ctx: SweepContext, n_workers: int) -> None:
-    """Entry of a ``--workers N`` child process."""
-    from scaling.runner import _Terminated, sigterm_as_interrupt
+    """Entry of a ``--workers N`` child process, on its own device (``ctx.device``)."""
+    from scaling.runner import Terminated, sigterm_as_interrupt
 
     _die_with_parent()
-    try:
-        import torch
+    import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
-    except Exception:
-        pass
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    if ctx.device.startswith("cuda:"):
+        torch.cuda.set_device(ctx.device)  # kernels, graphs and streams the code makes without a device
     try:
         with sigterm_as_interrupt():
             work_loop(ctx, train_grouped if ctx.group_size > 1 else None, ctx.group_size)
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         sys.exit(130)
+    except (tracking.StoreUnavailable, ConfigError) as e:  # one line, as the CLI gives it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
 
 
 def _die_with_parent() -> None:
@@ -722,11 +745,14 @@ def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tupl
               tracking_uri: str | None = None, storage: str | None = None, workers: int = 1,
               retry_failed: bool = False, progress: bool = True, sweep_name: str | None = None,
               engine: Engine | None = None, group_size: int = 1, compile: bool | str | dict = False,
-              heartbeat_interval: float = HEARTBEAT_INTERVAL_S, stale_after: float = STALE_AFTER_S) -> SweepSummary:
+              heartbeat_interval: float = HEARTBEAT_INTERVAL_S, stale_after: float = STALE_AFTER_S,
+              devices: list[str] | None = None) -> SweepSummary:
     """Run (or resume) the phase's whole grid; return where every configuration stands.
 
     ``group_size`` > 1 trains up to that many claimed configs together in one pass (the batched
     engine, :func:`train_grouped`; ``compile``: False or a value of ``config.COMPILE_MODES``), per worker.
+    ``devices`` (checked, :func:`scaling.devices.parse_devices`): worker i trains on ``devices[i % n]``;
+    by default every visible GPU when there are several workers, else ``device``.
     """
     from scaling import runner
 
@@ -739,65 +765,82 @@ def run_sweep(phase: Phase, *, device: str = "auto", data_dir=None, splits: tupl
     cfgs = plan(phase, splits)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     storage = check_storage_url(storage or default_storage(uri, DEFAULT_SWEEPS_DB))
+    pool = devices or ([device] if workers == 1 else default_devices(device))
     # Reach the store and the data before anything is created.
-    prepared = {data_key(cfgs[0]): runner.prepare(cfgs[0], data_dir, uri, device)}
+    prepared = {data_key(cfgs[0]): runner.prepare(cfgs[0], data_dir, uri, pool[0])}
     client = prepared[data_key(cfgs[0])][0]
     store = ClaimStore(storage)
-    sweep_id = sweep_id_for(cfgs)
-    exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(phase.name))
-    parent = ensure_parent(client, store, sweep_id, "sweep", phase, exp_id,
-                           tags={"scaling.n_configs": str(len(cfgs)), "scaling.storage": safe_url(storage)},
-                           params=shared_params(cfgs[0], phase),
-                           run_name=sweep_name or f"sweep-{phase.name}-{sweep_id[:8]}")
-    launcher = link_launcher_run(client, "sweep", sweep_id, parent)
-    session_start_ms = int(time.time() * 1000)
-    ctx = SweepContext(phase=phase, cfgs=cfgs, splits=splits, device=device,
-                       data_dir=None if data_dir is None else str(data_dir), tracking_uri=uri, storage=storage,
-                       sweep_id=sweep_id, parent_run_id=parent, exp_id=exp_id, retry_failed=retry_failed,
-                       session_start_ms=session_start_ms, progress=progress and workers == 1,
-                       group_size=group_size, compile=compile,
-                       heartbeat_interval=heartbeat_interval, stale_after=stale_after)
-    status = grid_status(client, exp_id, cfgs, retry_failed, session_start_ms)
-    say_warmup(cfgs)
-    if progress:
-        print(f"sweep {sweep_id}: {len(cfgs)} configs of phase {phase.name}, parent run {parent} "
-              f"(storage {safe_url(storage)})", file=sys.stderr)
+    try:
+        ctx, launcher = _open_sweep(client, store, phase, cfgs, sweep_name,
+                                    SweepContext(phase=phase, cfgs=cfgs, splits=splits, device=pool[0],
+                                                 data_dir=None if data_dir is None else str(data_dir),
+                                                 tracking_uri=uri, storage=storage, sweep_id=sweep_id_for(cfgs),
+                                                 parent_run_id="", exp_id="", retry_failed=retry_failed,
+                                                 session_start_ms=int(time.time() * 1000),
+                                                 progress=progress and workers == 1, group_size=group_size,
+                                                 compile=compile, heartbeat_interval=heartbeat_interval,
+                                                 stale_after=stale_after))
+        view = GridView()
+        bar = _Bar(len(cfgs)) if progress else None
+        busy = _drive(ctx, client, store, view, bar, engine, workers, pool, prepared)
+    finally:
+        store.dispose()
+    status = grid_status(client, ctx.exp_id, cfgs, retry_failed, ctx.session_start_ms, view)
+    if bar is not None:
+        bar.update(status)
+        bar.close()
+    summary = SweepSummary(sweep_id=ctx.sweep_id, parent_run_id=ctx.parent_run_id, phase=phase.name,
+                           storage=safe_url(storage), results=list(status.values()), busy_elsewhere=len(busy),
+                           launcher_run_id=launcher, objective=phase.train.objective)
+    summary.trained_now = sum(1 for r in summary.results if r.end_time and r.end_time >= ctx.session_start_ms
+                              and r.state != "PENDING")
+    finalize_parent(client, ctx.parent_run_id, summary)
+    return summary
+
+
+def _open_sweep(client, store: ClaimStore, phase: Phase, cfgs: list[RunConfig], sweep_name: str | None,
+                ctx: SweepContext) -> tuple[SweepContext, str | None]:
+    """The sweep's experiment and parent run (found again or created once) filled into ``ctx``; the
+    ``mlflow run`` launcher's run, if any."""
+    ctx.exp_id = tracking.get_or_create_experiment(client, tracking.experiment_name(phase.name))
+    ctx.parent_run_id = ensure_parent(client, store, ctx.sweep_id, "sweep", phase, ctx.exp_id,
+                                      tags={"scaling.n_configs": str(len(cfgs)),
+                                            "scaling.storage": safe_url(ctx.storage)},
+                                      params=shared_params(cfgs[0], phase),
+                                      run_name=sweep_name or f"sweep-{phase.name}-{ctx.sweep_id[:8]}")
+    return ctx, link_launcher_run(client, "sweep", ctx.sweep_id, ctx.parent_run_id)
+
+
+def _drive(ctx: SweepContext, client, store: ClaimStore, view: GridView, bar, engine: Engine | None,
+           workers: int, pool: list[str], prepared: dict) -> set[str]:
+    """Train what is pending: in this process (one worker) or in worker processes; the configs found busy
+    outside the sweep. Ctrl-C / SIGTERM: the parent run is KILLED (unless workers elsewhere go on)."""
+    from scaling import runner
+
+    status = grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms, view)
+    say_warmup(ctx.cfgs)
+    if bar is not None:
+        print(f"sweep {ctx.sweep_id}: {len(ctx.cfgs)} configs of phase {ctx.phase.name}, parent run "
+              f"{ctx.parent_run_id} (storage {safe_url(ctx.storage)})", file=sys.stderr)
     pending = sum(s.state == "PENDING" for s in status.values())
     if pending:
-        tracking.with_retry(client.update_run, parent, "RUNNING")
-    bar = _Bar(len(cfgs)) if progress else None
-    busy: set[str] = set()
+        tracking.with_retry(client.update_run, ctx.parent_run_id, "RUNNING")
     try:
         if bar is not None:
             bar.update(status)
         if workers == 1 or not pending:  # nothing to do: no processes to start
-            from scaling.runner import sigterm_as_interrupt
-
-            with sigterm_as_interrupt():
-                busy = work_loop(ctx, engine, group_size, on_status=bar.update if bar else None,
+            with runner.sigterm_as_interrupt():
+                return work_loop(ctx, engine, ctx.group_size, on_status=bar.update if bar else None,
                                  prepared=prepared)
-        else:
-            _run_workers(ctx, min(workers, pending), client, bar)
-    except (KeyboardInterrupt, runner._Terminated):
+        _run_workers(ctx, worker_devices(min(workers, pending), pool), client, bar, view)
+        return set()
+    except (KeyboardInterrupt, runner.Terminated):
         if bar is not None:
             bar.close()
-        if not store.live_claims(sweep_id, stale_after):
-            tracking.with_retry(client.set_terminated, parent, "KILLED")
-        print(f"interrupted: sweep {sweep_id} stopped; rerun the same command to resume it", file=sys.stderr)
+        if not store.live_claims(ctx.sweep_id, ctx.stale_after):
+            tracking.with_retry(client.set_terminated, ctx.parent_run_id, "KILLED")
+        print(f"interrupted: sweep {ctx.sweep_id} stopped; rerun the same command to resume it", file=sys.stderr)
         raise KeyboardInterrupt from None
-    finally:
-        store.dispose()
-    status = grid_status(client, exp_id, cfgs, retry_failed, session_start_ms)
-    if bar is not None:
-        bar.update(status)
-        bar.close()
-    summary = SweepSummary(sweep_id=sweep_id, parent_run_id=parent, phase=phase.name, storage=safe_url(storage),
-                           results=list(status.values()), busy_elsewhere=len(busy), launcher_run_id=launcher,
-                           objective=phase.train.objective)
-    summary.trained_now = sum(1 for r in summary.results if r.end_time and r.end_time >= session_start_ms
-                              and r.state != "PENDING")
-    finalize_parent(client, parent, summary)
-    return summary
 
 
 def finalize_parent(client, parent: str, summary: SweepSummary) -> None:
@@ -816,14 +859,19 @@ def finalize_parent(client, parent: str, summary: SweepSummary) -> None:
     tracking.with_retry(client.set_terminated, parent, status)
 
 
-def _run_workers(ctx: SweepContext, n: int, client, bar) -> None:
-    """``--workers N`` on one machine: N processes, each running the same claim loop."""
+def _run_workers(ctx: SweepContext, devices: list[str], client, bar, view: GridView) -> None:
+    """``--workers N`` on one machine: N processes, each running the same claim loop on its own device
+    (``devices[i]``). The progress bar is the parent's only use of the store while they work: it skips an
+    update the store does not answer (the workers decide whether to wait or stop)."""
+    import dataclasses
     import multiprocessing as mp
 
     from scaling.runner import sigterm_as_interrupt
 
+    n = len(devices)
     mpc = mp.get_context("spawn")
-    procs = [mpc.Process(target=_worker_main, args=(ctx, n), name=f"sweep-worker-{i}") for i in range(n)]
+    procs = [mpc.Process(target=_worker_main, args=(dataclasses.replace(ctx, device=d), n),
+                         name=f"sweep-worker-{i}") for i, d in enumerate(devices)]
     try:
         with sigterm_as_interrupt():
             for p in procs:
@@ -832,7 +880,9 @@ def _run_workers(ctx: SweepContext, n: int, client, bar) -> None:
                 for p in procs:
                     p.join(timeout=ctx.poll_interval / len(procs))
                 if bar is not None:
-                    bar.update(grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed, ctx.session_start_ms))
+                    with contextlib.suppress(tracking.StoreUnavailable):
+                        bar.update(grid_status(client, ctx.exp_id, ctx.cfgs, ctx.retry_failed,
+                                               ctx.session_start_ms, view))
     except BaseException:
         for p in procs:
             if p.is_alive():
@@ -864,5 +914,6 @@ class _Bar:
 
 
 __all__ = ["run_sweep", "SweepSummary", "ConfigResult", "ClaimStore", "SweepContext", "WorkItem", "WorkResult",
-           "plan", "sweep_id_for", "grid_status", "claim_work", "train_sequential", "train_grouped", "record", "work_loop",
+           "plan", "sweep_id_for", "grid_status", "GridView", "claim_work", "train_sequential", "train_grouped",
+           "record", "work_loop",
            "ensure_parent", "link_launcher_run", "default_storage", "check_storage_url", "best_lr_by_batch_size"]

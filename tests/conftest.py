@@ -63,6 +63,25 @@ def _isolated_env(tmp_path, monkeypatch, _store_template):
         monkeypatch.delenv(var, raising=False)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """The PostgreSQL cluster of ``SCALING_TEST_POSTGRES`` (``scripts/ci_postgres.sh start``). Without it
+    the test is skipped, saying so; in CI (``CI=true``) a missing or unreachable cluster fails it."""
+    from live_stores import POSTGRES_ENV, postgres_cluster
+
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    cluster = postgres_cluster()
+    if cluster is None:
+        why = f"needs PostgreSQL: {POSTGRES_ENV}=postgresql://... is not set (scripts/ci_postgres.sh start)"
+        pytest.fail(f"CI: {why}") if in_ci else pytest.skip(why)
+    try:
+        cluster.check()
+    except Exception as e:
+        why = f"PostgreSQL at {POSTGRES_ENV} cannot be reached: {str(e).splitlines()[0][:160]}"
+        pytest.fail(f"CI: {why}") if in_ci else pytest.skip(why)
+    return cluster
+
+
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"

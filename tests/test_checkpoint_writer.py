@@ -43,10 +43,10 @@ def test_a_run_whose_last_checkpoint_is_lost_says_so(tmp_path, tiny_random_phase
     cfg = load_phase(phase_file=tiny_random_phase).run_config(4, 1e-3)
     real = runner.save_checkpoint
 
-    def full_disk_at_the_end(client, run_id, state):
+    def full_disk_at_the_end(client, run_id, state, records=None):
         if state["step"] == cfg.steps:
             raise OSError()
-        real(client, run_id, state)
+        return real(client, run_id, state, records)
 
     monkeypatch.setattr(runner, "save_checkpoint", full_disk_at_the_end)
     out = runner.run_config(cfg, device="cpu", tracking_uri=uri, progress=False)

@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_TEXT, run_cli
+from scaling.checkpoints import recorded
 
 DATA = ["--data-dir", str(TINY_TEXT), "--splits", "valid:test", "--device", "cpu", "--quiet"]
 
@@ -55,7 +56,9 @@ def test_train_records_everything_in_mlflow(tmp_path, tracking_uri, tiny_text_ph
             assert after.value <= 1.0 + 1e-6
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert {"config.json", "checkpoints/last.pt"} <= arts
+    records = recorded(client, run.info.run_id)  # the newest two, each named by its step and checksum
+    assert [r.step for r in records] == [30, 40]
+    assert {"config.json", "checkpoints", *(r.file for r in records)} == arts
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == p["dataset_fingerprint"]
 
 
@@ -82,10 +85,8 @@ def _wait_for_checkpoint(uri, proc, timeout=120):
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         client, runs = _runs(uri)
-        if runs:
-            names = {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoints")}
-            if "checkpoints/last.pt" in names:
-                return runs[0].info.run_id
+        if runs and recorded(client, runs[0].info.run_id):
+            return runs[0].info.run_id
         time.sleep(0.2)
     raise AssertionError("no checkpoint appeared")
 
@@ -154,39 +155,6 @@ def test_resumed_run_does_not_log_its_steps_twice(tmp_path, tracking_uri, tiny_t
     for name, steps in (("train_loss", list(range(5, 41, 5))), ("val_loss", [10, 20, 30, 40]),
                         ("clip_frequency", list(range(5, 41, 5)))):
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == steps, name
-
-
-def test_unreadable_checkpoint_trains_again_from_step_0(tmp_path, tracking_uri, tiny_text_phase, capsys):
-    """A checkpoint truncated by a kill during its copy: resuming says so and trains from step 0, to the
-    same result, instead of failing with a traceback."""
-    from scaling.config import load_phase
-    from scaling.runner import CHECKPOINT_ARTIFACT, load_checkpoint, run_config
-
-    cfg = load_phase(phase_file=tiny_text_phase).run_config(8, 3e-3, 1.0, 0, splits=("valid", "test"))
-    kw = dict(device="cpu", data_dir=TINY_TEXT, tracking_uri=tracking_uri, progress=False)
-
-    def stop_at_20(step, val):
-        if step == 20:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_config(cfg, on_eval=stop_at_20, **kw)
-    client, runs = _runs(tracking_uri)
-    run_id = runs[0].info.run_id
-    assert load_checkpoint(client, run_id)["step"] == 10
-    good = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(tmp_path / "dl")))
-    cut = tmp_path / "cut" / "last.pt"
-    cut.parent.mkdir()
-    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # what a kill mid-copy leaves
-    client.log_artifact(run_id, str(cut), "checkpoints")
-    capsys.readouterr()
-    assert load_checkpoint(client, run_id) is None
-    assert "cannot be read" in capsys.readouterr().err
-    out = run_config(cfg, resume_run_id=run_id, **kw)
-    assert out.status == "FINISHED"
-    _, runs = _runs(tracking_uri)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(5, 41, 5))
 
 
 def test_training_commands_end_without_the_interpreter_shutdown(tmp_path, tracking_uri, tiny_text_phase):

@@ -149,3 +149,26 @@ def test_row_parser_accepts_numbers_and_rejects_anything_else_by_line(tmp_path, 
         return
     r = rows[1]
     assert r.batch_size >= 1 and r.lr > 0 and float(b) == r.batch_size and float(lr) == r.lr
+
+
+def test_runs_created_at_once_are_all_or_nothing_too(store, monkeypatch):
+    """Several runs at once (as through a server): a store error midway deletes every run created, those
+    of the other threads included; without an error they are the same runs as one at a time."""
+    real = importing._ImportBatch.create
+    calls = []
+
+    def fails_at_the_seventh(self, r, cfg):
+        calls.append(r.line)
+        if len(calls) == 7:
+            raise OSError("connection reset")
+        return real(self, r, cfg)
+
+    monkeypatch.setattr(importing._ImportBatch, "create", fails_at_the_seventh)
+    with pytest.raises(tracking.TrackingError, match="import failed, nothing imported: connection reset"):
+        importing.import_table(STUDY, "2_5", tracking_uri=store, jobs=3)
+    assert runs_of(store, "2_5") == []
+    monkeypatch.setattr(importing._ImportBatch, "create", real)
+    s = importing.import_table(STUDY, "2_5", tracking_uri=store, jobs=3)
+    assert (s.created, s.skipped) == (20, 0) and s.learned["unknown"] == 20
+    assert sorted(int(r.data.tags["import_row"]) for r in runs_of(store, "2_5")) == list(range(2, 22))
+    assert importing.import_jobs("sqlite:///x.db") == 1 and importing.import_jobs("http://host:5000") > 1

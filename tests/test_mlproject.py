@@ -108,3 +108,9 @@ def test_entry_points_pass_clip_none_on_as_no_clipping(tmp_path, script, args, e
                        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, **ONE_THREAD), timeout=120)
     (command,) = [x for x in r.stderr.splitlines() if x.startswith("scaling ")]
     assert expected in command and r.returncode == 2  # the unknown phase stops it before anything runs
+
+
+def test_entry_point_usage_errors_are_one_line_too(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "sweep.py"), "--bogus", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: unrecognized arguments: --bogus 1 (see 'sweep.py --help')\n"

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
 from scaling import tracking
+from scaling.checkpoints import recorded
 
 QUICK = ["--device", "cpu", "--quiet"]
 # One BLAS/OpenMP thread per process: on 2 shared cores torch's default threads make tiny models ~40x slower.
@@ -128,8 +129,7 @@ def test_sigkill_midway_then_rerun_finishes_only_the_remaining_configs(tmp_path,
             _, children = phase_runs(uri)
             running = [c for c in children if c.info.status == "RUNNING"]
             if any(c.info.status == "FINISHED" for c in children) and running:
-                ckpt = [a.path for a in client.list_artifacts(running[0].info.run_id, "checkpoints")]
-                if "checkpoints/last.pt" in ckpt:
+                if recorded(client, running[0].info.run_id):
                     victim = running[0].info.run_id
                     proc.send_signal(signal.SIGKILL)
                     break

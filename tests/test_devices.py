@@ -1,0 +1,54 @@
+"""Each sweep worker on its own device (scaling.devices), tested on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scaling.config import ConfigError
+from scaling.devices import default_devices, parse_devices, worker_devices
+from scaling.runner import device_label
+
+
+def test_devices_are_parsed_and_checked_against_the_visible_gpus():
+    assert parse_devices(None) is None
+    assert parse_devices("cuda:0, cuda:1,cuda", n_gpus=2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert parse_devices("cpu,cpu", n_gpus=0) == ["cpu", "cpu"]
+    for bad, why in [("cuda:2", "not visible on this machine (2 visible GPU(s): cuda:0..cuda:1)"),
+                     ("gpu0", "is not a device"), ("cuda:-1", "is not a device"), (",", "must list devices")]:
+        with pytest.raises(ConfigError, match=r".*" + why.replace("(", r"\(").replace(")", r"\)")):
+            parse_devices(bad, n_gpus=2)
+    with pytest.raises(ConfigError, match=r"0 visible GPU\(s\)\)"):
+        parse_devices("cuda:0", n_gpus=0)
+
+
+def test_workers_go_round_robin_over_the_devices():
+    assert worker_devices(5, ["cuda:0", "cuda:1"]) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices(2, ["cpu", "cpu"]) == ["cpu", "cpu"]
+    assert default_devices("auto", n_gpus=4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert default_devices("cuda", n_gpus=2) == ["cuda:0", "cuda:1"]
+    assert default_devices("auto", n_gpus=0) == ["cpu"] and default_devices("cpu", n_gpus=8) == ["cpu"]
+
+
+def test_a_sweep_hands_each_worker_process_its_device(tmp_path, tiny_random_phase, monkeypatch):
+    """run_sweep gives the worker processes --devices round-robin (default: every visible GPU); the
+    processes themselves are replaced by a recorder here (test_sweep starts real ones)."""
+    from scaling import sweep
+    from scaling.config import load_phase
+
+    handed = []
+    monkeypatch.setattr(sweep, "_run_workers", lambda ctx, devices, *a: handed.append(devices))
+    phase = load_phase(phase_file=tiny_random_phase)
+    kw = dict(tracking_uri=f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}", progress=False, device="cpu")
+    sweep.run_sweep(phase, workers=3, devices=["cpu", "cpu"], **kw)
+    sweep.run_sweep(phase, workers=2, **kw)
+    monkeypatch.setattr(sweep, "default_devices", lambda device: ["cuda:0", "cuda:1", "cuda:2"])
+    sweep.run_sweep(phase, workers=4, **kw)
+    assert handed == [["cpu", "cpu", "cpu"], ["cpu", "cpu"], ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]]
+
+
+def test_a_run_records_its_full_device_string():
+    assert device_label(torch.device("cpu")) == "cpu"
+    if torch.cuda.is_available():
+        assert device_label(torch.device("cuda")) == f"cuda:{torch.cuda.current_device()}"
+        assert device_label(torch.device("cuda:0")) == "cuda:0"
