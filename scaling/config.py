@@ -370,6 +370,7 @@ class RunConfig:
         name = f"B{self.batch_size}-lr{self.lr:g}-clip{clip_text(self.clip)}-s{self.seed}"
         return name + "".join("-" + part.split("=")[1] for part in self.variant_text().split())
 
+    @property
     def measures_noise(self) -> bool:
         """Whether this run measures gradient noise: the phase asks for it and its batch splits into at least
         two micro-batches of ``noise_microbatch`` (every batch size of the grid does; one outside it may not)."""
