@@ -215,7 +215,7 @@ def tail_alpha_rows(g: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     arithmetic as :func:`standardised_pairs` + :func:`tail_index` (float64), vectorised over rows whose
     usable sample counts differ. Returns α̂ per row (NaN where the numpy path gives NaN)."""
     g = g.double()
-    R, K, C = g.shape
+    R, K = g.shape[:2]
     n = K // 2
     nan = torch.full((R,), math.nan, dtype=torch.float64, device=g.device)
     if K < TAIL_MIN_MICROBATCHES:
