@@ -984,7 +984,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     timings: if a dict is given it is filled with ``wall_s``, ``setup_s`` (before the first step),
     ``ticks`` (steps of the group), ``warm`` (seconds of the first ticks after each build of the pass,
     synchronised: compile time lands there), ``eval_s``, ``evals`` (seconds of each evaluation; a compiled
-    one's first holds its compile), ``builds`` (how many times the pass was built), ``configs`` (K);
+    one's first holds its compile), ``builds`` (how many times the pass was built), ``configs`` (K),
+    ``noise`` (seconds of each gradient-noise measurement, all measured models together);
     :func:`timing_metrics` sums them up.
     """
     cfgs = list(cfgs)
@@ -1002,8 +1003,9 @@ def timing_metrics(tm: dict) -> dict[str, float]:
     (configs trained together), ``group_setup_s`` (before the first step), ``group_first_ticks_s`` (the
     first WARM_TICKS ticks after each build of the pass: its compile lands there), ``group_step_ms`` (every
     other tick: the wall time between the first ticks and the end, less the evaluations, per tick — logging
-    and checkpoint hand-overs included), ``group_eval_s`` (all evaluations; a compiled one's first holds its
-    compile) and ``group_wall_s``. Nothing when the group did not train (no timings)."""
+    and checkpoint hand-overs included, gradient-noise measurements too), ``group_eval_s`` (all evaluations; a
+    compiled one's first holds its compile), ``group_wall_s`` and, when the group measured gradient noise,
+    ``group_noise_s`` (all measurements; the first holds the measurement pass's compile). Nothing when the group did not train (no timings)."""
     if "wall_s" not in tm:
         return {}
     first = sum(tm["warm"])
@@ -1012,4 +1014,6 @@ def timing_metrics(tm: dict) -> dict[str, float]:
            "group_eval_s": tm["eval_s"], "group_wall_s": tm["wall_s"]}
     if rest > 0:
         out["group_step_ms"] = 1000 * (tm["wall_s"] - tm["setup_s"] - first - tm["eval_s"]) / rest
+    if tm.get("noise"):
+        out["group_noise_s"] = sum(tm["noise"])
     return out
