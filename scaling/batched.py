@@ -58,7 +58,9 @@ import torch.nn.functional as F
 from scaling import attention
 from scaling.config import RunConfig
 from scaling.data import SAMPLER_CHUNK, Corpus, batch_starts, validation_batches, windows
+from scaling.group_noise import CHUNK_BYTES, SEED_STRIDE, GroupSums, chunk_plan
 from scaling.model import NanoTransformer, build_model, decay_mask
+from scaling.noise import NoiseTracker
 from scaling.train import (LOG_METRICS, Hooks, Pruned, RunStats, TrainResult, clip_stats, due, final_window, lr_at,
                            make_optimizer, summarize)
 
@@ -180,6 +182,13 @@ def pass_losses(params: dict[str, torch.Tensor], slot_rows: torch.Tensor, slot_w
     K = next(iter(params.values())).shape[0]
     model_loss = weighted.new_zeros(K).index_add_(0, slot_rows, weighted.detach())
     return weighted.sum(), model_loss
+
+
+def slot_loss_sum(W: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, n_heads: int,
+                  attend: Callable = sdpa_causal) -> torch.Tensor:
+    """The noise measurement's pass: slot j runs weights ``W[name][j]`` (its own leaves) on x[j], y[j]; the
+    sum of the slots' mean losses, whose gradient in ``W[name][j]`` is slot j's own (no other slot's)."""
+    return stacked_slot_losses(W, x, y, n_heads, attend).sum()
 
 
 def update_rows(P: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grads: list[torch.Tensor], decay: torch.Tensor,
@@ -403,6 +412,8 @@ class Member:
     tokens_last: int = 0
     running: bool = True
     result: TrainResult | None = None
+    noise: NoiseTracker | None = None  # None: the run measures no gradient noise
+    noise_logs: dict = field(default_factory=dict)  # step → the noise metrics its on_log gets
     _chunks: dict = field(default_factory=dict)
 
     @property
@@ -487,6 +498,12 @@ def slot_size(cfgs: Sequence[RunConfig]) -> int:
     return math.gcd(*cfgs[0].phase.grid.batch_sizes, *(c.batch_size for c in cfgs))
 
 
+def noise_tracker(cfg: RunConfig) -> NoiseTracker | None:
+    """The run's noise tracker, as train.py makes it (None: the run measures nothing)."""
+    t = cfg.phase.train
+    return NoiseTracker(t.noise_interval, t.noise_microbatch, t.tail_index) if cfg.measures_noise else None
+
+
 def check_group(cfgs: Sequence[RunConfig]) -> None:
     """A group shares the architecture, the optimizer, the data and the validation set."""
     p0 = cfgs[0].phase
@@ -538,7 +555,8 @@ class GroupTrainer:
             self.attend = fused_causal
         template = build_model(phase.model, cfgs[0].seed).to(device)
         self.layout = RowLayout.of(template, cfgs[0], device)
-        self.members = [Member(row=i, cfg=c, hooks=h) for i, (c, h) in enumerate(zip(cfgs, hooks))]
+        self.members = [Member(row=i, cfg=c, hooks=h, noise=noise_tracker(c))
+                        for i, (c, h) in enumerate(zip(cfgs, hooks))]
         self.state = Stacked.zeros(self.layout, cfgs, device)
         inits = {cfgs[0].seed: template.state_dict()}
         for mb, st in zip(self.members, resume_states):
@@ -548,7 +566,7 @@ class GroupTrainer:
         self.pending: list[FetchedLogs] = []
         self.row_index: dict[tuple[int, ...], torch.Tensor] = {}  # the device index of a set of rows
         self.ps: Pass | None = None
-        self.timings: dict = {"configs": len(cfgs), "ticks": 0, "warm": [], "evals": [], "builds": 0}
+        self.timings: dict = {"configs": len(cfgs), "ticks": 0, "warm": [], "evals": [], "builds": 0, "noise": []}
 
     def _load(self, mb: Member, st: dict | None, inits: dict[int, dict]) -> None:
         """Row ``mb.row`` from a checkpoint state (train.py's format, from either path), or its seed's init."""
@@ -568,6 +586,8 @@ class GroupTrainer:
             mb.n_interval = int(stats["n_interval"])
             s.final[mb.row, :len(stats["final_losses"])] = stats["final_losses"].to(self.device)
             mb.val_history = list(st["val_history"])
+            if mb.noise is not None and st.get("noise"):  # a run trained without measurement has none
+                mb.noise.load_state_dict(st["noise"])
         mb.tokens_last = mb.step
         if mb.step >= mb.cfg.steps:  # a state taken at the end: nothing left to train
             self.stop(mb, "FINISHED")
@@ -658,6 +678,62 @@ class GroupTrainer:
                 update_rows(*args)
             r.add_(1)
 
+    # --- gradient noise ------------------------------------------------------------------------------
+    def measure_noise(self, ps: Pass) -> None:
+        """Measure the gradient noise of the models whose next step is one of their measurements (a logging
+        step at least noise_interval after the last, :meth:`NoiseTracker.due`), on that step's batch (the
+        pass's table row of this tick) at the parameters before the update, as train.py does; the metrics
+        wait in ``noise_logs`` for that step's on_log. Models of one micro-batch count are measured together.
+        Outside the training step and its CUDA graph: the step's gradients and the RNG are left alone."""
+        measuring = [mb for mb in ps.members if mb.running and mb.noise is not None
+                     and mb.noise.due(mb.step + 1, due(mb.step + 1, mb.cfg.phase.train.log_interval, mb.cfg.steps))]
+        if not measuring:
+            return
+        t0 = time.perf_counter()
+        x, y = windows(self.corpus.train, ps.starts[ps.tick], self.offs)
+        first = {mb.row: c0 for mb, c0 in ps.columns()}
+        by_shape: dict[tuple[int, int], list[Member]] = {}
+        for mb in measuring:
+            by_shape.setdefault((mb.cfg.batch_size, mb.noise.microbatch), []).append(mb)
+        for (B, b), members in by_shape.items():
+            xs = torch.stack([x[first[mb.row]:first[mb.row] + B] for mb in members]).view(len(members), B // b, b, -1)
+            ys = torch.stack([y[first[mb.row]:first[mb.row] + B] for mb in members]).view(xs.shape)
+            self._measure_models(members, xs, ys)
+        self.timings["noise"].append(time.perf_counter() - t0)
+
+    def _measure_models(self, members: list[Member], xs: torch.Tensor, ys: torch.Tensor) -> None:
+        """One measurement of ``members`` (same micro-batch count k) on their batches xs, ys (n, k, b, T),
+        chunk by chunk (:func:`scaling.group_noise.chunk_plan`), into their trackers."""
+        n, k, b = xs.shape[:3]
+        rows = torch.tensor([mb.row for mb in members], device=self.device)
+        v_views = list(self.layout.views(self.state.v.index_select(0, rows)).values())
+        sums = GroupSums.start(v_views, [mb.step for mb in members], self.betas[1], self.eps, k, b,
+                               members[0].noise.tail)
+        per_slot = self.layout.n_params * self.state.P.element_size()
+        for m0, m1, lo, hi in chunk_plan(n, k, CHUNK_BYTES // per_slot):
+            sums.add(m0, m1, lo, self.microbatch_grads(rows[m0:m1], xs[m0:m1, lo:hi], ys[m0:m1, lo:hi]))
+        alphas = sums.alphas([mb.cfg.seed * SEED_STRIDE + mb.step + 1 for mb in members])
+        for i, (mb, est) in enumerate(zip(members, sums.estimates())):
+            done = mb.step + 1
+            mb.noise_logs[done] = mb.noise.update(done, est, None if alphas is None else alphas[i])
+
+    def microbatch_grads(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient of each micro-batch's mean loss, for models ``rows`` (n,) on x, y (n, kc, b, T):
+        per parameter name (n·kc, *shape), model-major. Each slot gets its own copy of its model's weights
+        as a leaf, so autograd gives per-slot gradients; compiled once (slots dynamic) beside the training
+        pass, which it leaves as it is."""
+        kc, b, T = x.shape[1:]
+        slot_rows = rows.repeat_interleave(kc)
+        W = {name: p.detach().index_select(0, slot_rows).requires_grad_() for name, p in self.state.params.items()}
+        args = (W, x.reshape(-1, b, T), y.reshape(-1, b, T), self.n_heads, self.attend)
+        with torch.enable_grad(), self.autocast():
+            if self.compile:
+                dims = [(w, 0) for w in W.values()] + [(args[1], 0), (args[2], 0)]
+                loss = call_dynamic(compiled(slot_loss_sum), dims, *args)
+            else:
+                loss = slot_loss_sum(*args)
+        return list(torch.autograd.grad(loss, list(W.values())))
+
     def _launch(self, ps: Pass) -> None:
         """Run the step: replayed once recorded; on CUDA graphs, the last warm tick runs on the side stream
         the graph is then recorded on (recording runs nothing: the graph's first replay is the next tick)."""
@@ -688,6 +764,7 @@ class GroupTrainer:
         ps = self.ps
         if ps.tick >= TABLE_CHUNK:
             self.fill_tables(ps)
+        self.measure_noise(ps)  # the step's batch at the parameters before its update
         t0 = time.perf_counter() if ps.warm_left else None
         self._launch(ps)
         ps.tick += 1
@@ -783,6 +860,7 @@ class GroupTrainer:
                 "optimizer": self.layout.optimizer_state(s.m[r], s.v[r], mb.step, lr_at(mb.cfg, mb.step - 1)),
                 "step": mb.step, "stats": s.run_stats(r, mb.window, mb.n_interval).state(),
                 "val_history": list(mb.val_history), "config_hash": mb.cfg.config_hash(),
+                "noise": mb.noise.state_dict() if mb.noise is not None else None,
                 "rng_cpu": torch.random.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if self.cuda else None}
 
@@ -826,6 +904,7 @@ class GroupTrainer:
                 metrics = dict(zip(LOG_METRICS, means))
                 metrics["lr"] = lr_at(mb.cfg, step - 1)
                 metrics["tokens_per_s"] = (step - mb.tokens_last) * mb.cfg.tokens_per_step / max(now - mb.t_last, 1e-9)
+                metrics.update(mb.noise_logs.pop(step, {}))
                 mb.t_last, mb.tokens_last = now, step
                 try:
                     mb.hooks.on_log(step, metrics)
@@ -845,7 +924,7 @@ class GroupTrainer:
         n_params = self.layout.n_params
         mb.result = TrainResult(status=status, steps_done=steps_done, n_params=n_params,
                                 summary=summarize(mb.cfg, stats, mb.val_history, steps_done, status, n_params,
-                                                  self.corpus),
+                                                  self.corpus, mb.noise),
                                 val_history=list(mb.val_history))
         return mb
 
@@ -905,7 +984,8 @@ def train_group(cfgs: Sequence[RunConfig], corpus: Corpus, device: torch.device,
     timings: if a dict is given it is filled with ``wall_s``, ``setup_s`` (before the first step),
     ``ticks`` (steps of the group), ``warm`` (seconds of the first ticks after each build of the pass,
     synchronised: compile time lands there), ``eval_s``, ``evals`` (seconds of each evaluation; a compiled
-    one's first holds its compile), ``builds`` (how many times the pass was built), ``configs`` (K);
+    one's first holds its compile), ``builds`` (how many times the pass was built), ``configs`` (K),
+    ``noise`` (seconds of each gradient-noise measurement, all measured models together);
     :func:`timing_metrics` sums them up.
     """
     cfgs = list(cfgs)
@@ -923,8 +1003,9 @@ def timing_metrics(tm: dict) -> dict[str, float]:
     (configs trained together), ``group_setup_s`` (before the first step), ``group_first_ticks_s`` (the
     first WARM_TICKS ticks after each build of the pass: its compile lands there), ``group_step_ms`` (every
     other tick: the wall time between the first ticks and the end, less the evaluations, per tick — logging
-    and checkpoint hand-overs included), ``group_eval_s`` (all evaluations; a compiled one's first holds its
-    compile) and ``group_wall_s``. Nothing when the group did not train (no timings)."""
+    and checkpoint hand-overs included, gradient-noise measurements too), ``group_eval_s`` (all evaluations; a
+    compiled one's first holds its compile), ``group_wall_s`` and, when the group measured gradient noise,
+    ``group_noise_s`` (all measurements; the first holds the measurement pass's compile). Nothing when the group did not train (no timings)."""
     if "wall_s" not in tm:
         return {}
     first = sum(tm["warm"])
@@ -933,4 +1014,6 @@ def timing_metrics(tm: dict) -> dict[str, float]:
            "group_eval_s": tm["eval_s"], "group_wall_s": tm["wall_s"]}
     if rest > 0:
         out["group_step_ms"] = 1000 * (tm["wall_s"] - tm["setup_s"] - first - tm["eval_s"]) / rest
+    if tm.get("noise"):
+        out["group_noise_s"] = sum(tm["noise"])
     return out

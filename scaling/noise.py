@@ -36,10 +36,14 @@ tensor, and made i.i.d. and scale-free first:
 - blocks of m = √N samples of a random permutation.
 
 The estimate needs at least :data:`TAIL_MIN_MICROBATCHES` micro-batches (8 pair differences).
+:func:`tail_index` / :func:`standardised_pairs` / :func:`layer_tail_index` are the reference (numpy, one
+tensor); :func:`tail_alphas` computes the same on the device for many tensors and models at once, which is
+what a measurement uses: a group of 72 models has ~2,600 tensors to estimate at every measurement.
 
 Public API (all of it works on plain tensors, so the batched engine can call the estimators with a leading
-model dimension): :func:`gns_estimates`, :func:`squared_norms`, :func:`adam_preconditioner`,
-:func:`tail_index`, :func:`standardised_pairs`, :func:`layer_tail_index`; :func:`microbatch_gradients` and
+model dimension): :func:`gns_estimates`, :func:`gns_from_moments`, :func:`squared_norms`,
+:func:`adam_preconditioner`, :func:`tail_index`, :func:`standardised_pairs`, :func:`layer_tail_index`,
+:func:`tail_columns`, :func:`tail_keys`, :func:`tail_alphas`; :func:`microbatch_gradients` and
 :func:`microbatch_stats` for one ``nn.Module``; :class:`NoiseTracker` for the running averages, cadence,
 metrics and summary of one run (state_dict-able for checkpoints).
 """
@@ -81,12 +85,16 @@ def gns_estimates(micro_sq, mean_sq, microbatch: int):
     and the squared norm of their mean ``mean_sq`` (the same shape without K), for micro-batches of
     ``microbatch`` sequences. Any leading dimensions (models, parameter tensors) broadcast; torch tensors
     or numpy arrays. tr Σ is per sequence. Needs K >= 2."""
-    k = micro_sq.shape[-1]
+    return gns_from_moments(micro_sq.mean(-1), mean_sq, micro_sq.shape[-1], microbatch)
+
+
+def gns_from_moments(micro_mean_sq, mean_sq, k: int, microbatch: int):
+    """:func:`gns_estimates` from S = mean_k |g_k|² (``micro_mean_sq``) of k micro-batches instead of the k
+    squared norms themselves: what a caller that sums over the micro-batches as they come has."""
     if k < 2:
         raise ValueError(f"the noise scale needs at least 2 micro-batches, got {k}")
-    s = micro_sq.mean(-1)
-    grad_sq = (k * mean_sq - s) / (k - 1)
-    trace = microbatch * k * (s - mean_sq) / (k - 1)
+    grad_sq = (k * mean_sq - micro_mean_sq) / (k - 1)
+    trace = microbatch * k * (micro_mean_sq - mean_sq) / (k - 1)
     return grad_sq, trace
 
 
@@ -188,6 +196,72 @@ def tail_columns(numel: int, n_micro: int) -> torch.Tensor:
     return torch.linspace(0, numel - 1, c).round().long().unique()
 
 
+def tail_keys(seeds: Sequence[int], sizes: Sequence[int], device) -> list[torch.Tensor]:
+    """The random sort keys of :func:`tail_alpha_rows`'s permutations: per model (one seed each) one float64
+    stream from its own generator on ``device``, cut into one piece per tensor (``sizes``: pair differences
+    × columns). Returns per tensor (len(seeds), size). Its own generators: the RNG of training is left
+    alone, and a model gets the same keys measured alone or in a group."""
+    rows = []
+    for seed in seeds:
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        rows.append(torch.rand(sum(sizes), generator=gen, device=device, dtype=torch.float64))
+    return list(torch.stack(rows).split(list(sizes), dim=1))
+
+
+def tail_alpha_rows(g: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """:func:`layer_tail_index` of R tensors at once, on their device: ``g`` (R, K, C) holds K micro-batch
+    gradients of C coordinates per row, ``keys`` (R, K//2 · C) the sort keys that permute each row's
+    samples (:func:`tail_keys`; the order of the usable samples by key is the permutation). The same
+    arithmetic as :func:`standardised_pairs` + :func:`tail_index` (float64), vectorised over rows whose
+    usable sample counts differ. Returns α̂ per row (NaN where the numpy path gives NaN)."""
+    g = g.double()
+    R, K = g.shape[:2]
+    n = K // 2
+    nan = torch.full((R,), math.nan, dtype=torch.float64, device=g.device)
+    if K < TAIL_MIN_MICROBATCHES:
+        return nan
+    d = g[:, 0:2 * n:2] - g[:, 1:2 * n:2]  # (R, n, C) pair differences
+    logs = d.abs().log()
+    keep = logs.isfinite().all(1)  # (R, C): columns without a zero difference
+    logs = logs.masked_fill(~keep[:, None], 0.0)
+    loo = (logs.sum(1, keepdim=True) - logs) / (n - 1)
+    cols = keep.sum(1)
+    v = (logs.var(1, correction=1) * keep).sum(1) / cols / (n - 1)
+    z = (d / loo.exp()).flatten(1)
+    usable = (keep[:, None, :] & (d != 0)).flatten(1) & z.isfinite() & (z != 0)
+    n_use = usable.sum(1)
+    x = z.gather(1, keys.masked_fill(~usable, math.inf).argsort(dim=1, stable=True))  # usable ones first, permuted
+    m = n_use.double().sqrt().round().clamp(min=2)
+    blocks = torch.div(n_use, m, rounding_mode="floor")
+    pos = torch.arange(x.shape[1], device=g.device, dtype=torch.float64)
+    blk = torch.div(pos[None, :], m[:, None], rounding_mode="floor")
+    sink = x.shape[1]  # the column of the samples past the last whole block
+    blk = torch.where(blk < blocks[:, None], blk, float(sink)).long()
+    y = torch.zeros(R, sink + 1, dtype=torch.float64, device=g.device).scatter_add_(1, blk, x)[:, :sink].abs()
+    y_in = (torch.arange(sink, device=g.device)[None, :] < blocks[:, None]) & (y > 0)
+    x_in = blk < sink
+    mean_log_y = (y.clamp(min=1e-300).log() * y_in).sum(1) / y_in.sum(1)
+    mean_log_x = (x.abs().clamp(min=1e-300).log() * x_in).sum(1) / x_in.sum(1)
+    dd = (mean_log_y - mean_log_x) / m.log()
+    c = v / (2 * m.log())
+    disc = dd * dd - 4 * c
+    plain = torch.where(dd > 0, 1 / dd, nan)
+    corrected = torch.where((disc > 0) & (dd > 0), (dd - disc.clamp(min=0).sqrt()) / (2 * c), nan)
+    alpha = torch.where(c <= 0, plain, corrected)
+    return torch.where((n * cols >= TAIL_MIN_SAMPLES) & (blocks >= 2), alpha, nan)
+
+
+def tail_alphas(samples: Sequence[torch.Tensor], keys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's α̂ for any leading dimensions (models): ``samples[i]`` (..., K, C_i) the K micro-batch
+    gradients of tensor i's tail columns (:func:`tail_columns`), ``keys[i]`` (..., K//2 · C_i) from
+    :func:`tail_keys`. Returns (..., L) float64, on the samples' device."""
+    out = []
+    for g, k in zip(samples, keys):
+        lead = g.shape[:-2]
+        out.append(tail_alpha_rows(g.reshape(-1, *g.shape[-2:]), k.reshape(-1, k.shape[-1])).view(lead))
+    return torch.stack(out, -1)
+
+
 # ---------------------------------------------------------------------------------------------
 # One nn.Module: per-micro-batch gradients and their statistics
 
@@ -286,7 +360,7 @@ def microbatch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microba
                      max_chunk_bytes: int = MAX_CHUNK_BYTES) -> MicrobatchStats:
     """Measure the gradient noise of ``model`` on the batch (x, y) split into micro-batches of
     ``microbatch`` sequences: squared norms (plain, and Adam-weighted when ``optimizer`` has state) and,
-    with ``tail``, each tensor's tail index (its permutation seeded by ``seed``)."""
+    with ``tail``, each tensor's tail index (:func:`tail_alphas`, its permutations drawn from ``seed``)."""
     k = x.shape[0] // microbatch
     if k < 2:
         raise ValueError(f"{x.shape[0]} sequences in micro-batches of {microbatch}: the noise scale needs at least 2")
@@ -308,8 +382,9 @@ def microbatch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microba
     mean_sq = {w: squared_norms(mean, 0, weights.get(w)).cpu() for w in micro}
     alphas = None
     if tail:
-        alphas = np.array([layer_tail_index(torch.cat(s).cpu().numpy(), np.random.default_rng([seed, i]))
-                           for i, s in enumerate(samples)])
+        gs = [torch.cat(s) for s in samples]
+        keys = tail_keys([seed], [(k // 2) * g.shape[1] for g in gs], gs[0].device)
+        alphas = tail_alphas(gs, [kk[0] for kk in keys]).cpu().numpy()
     return MicrobatchStats(names=names, microbatch=microbatch,
                            micro_sq={w: torch.cat(v).cpu() for w, v in micro.items()},
                            mean_sq=mean_sq, tail_alpha=alphas)

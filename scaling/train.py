@@ -198,7 +198,7 @@ def train(cfg: RunConfig, corpus: Corpus, device: torch.device, hooks: Hooks | N
         stats.load(resume_state["stats"], device)
         val_history = list(resume_state["val_history"])
         start = resume_state["step"]
-        if noise is not None and resume_state.get("noise"):  # a batched engine's checkpoint has none
+        if noise is not None and resume_state.get("noise"):  # a run trained without measurement has none
             noise.load_state_dict(resume_state["noise"])
         torch.random.set_rng_state(resume_state["rng_cpu"])
         if device.type == "cuda" and resume_state.get("rng_cuda") is not None:

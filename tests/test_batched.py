@@ -19,6 +19,7 @@ tensors follow it).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from contextlib import contextmanager
 
@@ -397,3 +398,127 @@ def test_long_run_across_batch_chunks_and_unaligned_resume():
     res_r, recs_r = run_group(cfgs, corpus, states=states)
     assert_same_run(res[0], recs[0], res_r[0], recs_r[0], rel=REL, from_step=100)
     assert_same_run(res[1], recs[1], res_r[1], recs_r[1], rel=REL, from_step=200)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradient noise measured by the batched engine, as train() measures it
+
+NOISE_METRICS = ("gns_grad_sq", "gns_trace", "gns_b_simple", "gns_grad_sq_adam", "gns_trace_adam",
+                 "gns_b_simple_adam", "gns_grad_sq_adam_update", "gns_trace_adam_update",
+                 "gns_b_simple_adam_update", "tail_alpha")
+
+
+def with_noise(phase, interval=3, microbatch=1, tail=True):
+    """The phase measuring noise at logging steps (every 2nd step) at least ``interval`` apart."""
+    t = dataclasses.replace(phase.train, log_interval=2, noise_interval=interval, noise_microbatch=microbatch,
+                            tail_index=tail)
+    return dataclasses.replace(phase, train=t, grid=dataclasses.replace(phase.grid, batch_sizes=(4, 16)))
+
+
+@pytest.fixture(scope="module")
+def noise_setup(setup):
+    """B=4 (4 micro-batches: no tail index) and two B=16 (16: a tail index for the tensors with enough
+    samples); clip regimes as in setup."""
+    phase, corpus, _ = setup
+    p = with_noise(phase)
+    return p, corpus, [p.run_config(4, 3e-3, 1.0, 0), p.run_config(16, 3e-3, 0.05, 1), p.run_config(16, 1e-3, None, 2)]
+
+
+@pytest.fixture(scope="module")
+def noise_runs(noise_setup):
+    _, corpus, cfgs = noise_setup
+    return run_single(cfgs, corpus), run_group(cfgs, corpus)
+
+
+def assert_same_noise(rec_a, rec_b, rel=REL, from_step=0):
+    """The same noise metrics (names and values) at the same logging steps."""
+    logs_a = [(s, m) for s, m in rec_a.logs if s > from_step]
+    logs_b = [(s, m) for s, m in rec_b.logs if s > from_step]
+    assert [s for s, _ in logs_a] == [s for s, _ in logs_b]
+    for (s, ma), (_, mb) in zip(logs_a, logs_b):
+        assert {k for k in ma if k in NOISE_METRICS} == {k for k in mb if k in NOISE_METRICS}, s
+        for k in NOISE_METRICS:
+            if k in ma:
+                assert close(ma[k], mb[k], rel), (s, k, ma[k], mb[k])
+
+
+def test_noise_metrics_and_summaries_equal_train_alone(noise_runs):
+    """Every run of a group logs train()'s noise metrics at train()'s steps (logging steps at least
+    noise_interval apart: 4, 8, ..., 28) and gets its noise summary, tail index included (the same
+    estimator and permutation keys; α̂ for B=16 only)."""
+    (res_s, recs_s), (res_b, recs_b) = noise_runs
+    for rs, rcs, rb, rcb in zip(res_s, recs_s, res_b, recs_b):
+        assert_same_run(rs, rcs, rb, rcb)
+        assert_same_noise(rcs, rcb)
+        assert [s for s, m in rcb.logs if "gns_grad_sq" in m] == list(range(4, 30, 4))
+        assert rb.summary["gns_measurements"] == 7 and any("gns_b_simple" in m for _, m in rcb.logs)
+    assert "tail_index_alpha" not in res_b[0].summary and all("tail_alpha" not in m for _, m in recs_b[0].logs)
+    assert all(res_b[i].summary["tail_index_n"] > 0 for i in (1, 2))
+
+
+def test_measuring_noise_leaves_training_unchanged(setup, noise_setup, noise_runs):
+    """The same group without measurement trains bit for bit the same runs (the measurement touches neither
+    the step's gradients nor any RNG)."""
+    _, corpus, cfgs = noise_setup
+    off = [dataclasses.replace(c, phase=with_noise(setup[0], interval=0, tail=False)) for c in cfgs]
+    res, recs = run_group(off, corpus)
+    _, (res_b, recs_b) = noise_runs
+    for r, rec, rb, recb in zip(res, recs, res_b, recs_b):
+        assert "gns_measurements" not in r.summary and r.status == rb.status == "FINISHED"
+        assert [(s, [m[k] for k in METRICS]) for s, m in rec.logs] == [(s, [m[k] for k in METRICS]) for s, m in recb.logs]
+        assert rec.evals == recb.evals
+
+
+def test_noise_state_resumes_across_the_two_paths(noise_setup, noise_runs):
+    """A group's step-10 checkpoint carries the noise state: train() resumes it and reports what it reports
+    uninterrupted (metrics and summary); the group resumes train()'s checkpoint likewise."""
+    _, corpus, cfgs = noise_setup
+    (res_s, recs_s), (res_b, recs_b) = noise_runs
+    states = [copy.deepcopy(r.ckpts[0][1]) for r in recs_b]
+    assert all(st["step"] == 10 and st["noise"]["steps"] == [4, 8] for st in states)
+    res, recs = run_single(cfgs, corpus, states=states)
+    for i in range(3):
+        assert_same_run(res_s[i], recs_s[i], res[i], recs[i], from_step=10)
+        assert_same_noise(recs_s[i], recs[i], from_step=10)
+    res_g, recs_g = run_group(cfgs, corpus, states=[copy.deepcopy(r.ckpts[0][1]) for r in recs_s])
+    for i in range(3):
+        assert_same_run(res_b[i], recs_b[i], res_g[i], recs_g[i], from_step=10)
+        assert_same_noise(recs_b[i], recs_g[i], from_step=10)
+
+
+def test_compiled_noise_equals_eager_and_compiles_once(noise_setup, noise_runs):
+    """Compiled, the measurement runs its own compiled pass (slots dynamic) beside the training pass: the
+    same noise metrics and summaries as eager; one more compile in all (training pass, optimizer step,
+    evaluation, measurement), none for a second group of other shapes (three B=16 models: 48 micro-batches
+    measured at once instead of 4 and 32)."""
+    p, corpus, cfgs = noise_setup
+    _, (res_e, recs_e) = noise_runs
+    cfgs2 = [p.run_config(16, 2e-3, 1.0, 3), p.run_config(16, 1e-3, 0.05, 4), p.run_config(16, 3e-3, None, 5)]
+    torch._dynamo.reset()
+    with dynamo_compiles() as first:
+        res_c, recs_c = run_group(cfgs, corpus, compile=True)
+    with dynamo_compiles() as second:
+        res_c2, recs_c2 = run_group(cfgs2, corpus, compile=True)
+    assert len(first) == 4 and second == [], (first, second)
+    res_e2, recs_e2 = run_group(cfgs2, corpus)
+    for re_, rce, rc, rcc in zip(res_e + res_e2, recs_e + recs_e2, res_c + res_c2, recs_c + recs_c2):
+        assert_same_run(re_, rce, rc, rcc)
+        assert_same_noise(rce, rcc)
+
+
+@needs_cuda
+def test_cuda_compiled_noise_equals_eager(noise_setup):
+    """On a GPU, compiled with the step recorded as a CUDA graph, the measurements between replays give the
+    eager engine's noise metrics there (float64: only the generated kernels' summation order differs), and
+    the training runs are the same."""
+    _, corpus, cfgs = noise_setup
+    cuda = torch.device("cuda")
+    corpus.to(cuda)
+    try:
+        res_e, recs_e = run_group(cfgs, corpus, device=cuda)
+        res_g, recs_g = run_group(cfgs, corpus, device=cuda, compile=True)
+    finally:
+        corpus.to(CPU)
+    for re_, rce, rg, rcg in zip(res_e, recs_e, res_g, recs_g):
+        assert_same_run(re_, rce, rg, rcg)
+        assert_same_noise(rce, rcg)

@@ -215,6 +215,46 @@ def test_too_few_micro_batches_or_samples_give_no_tail_index():
     assert math.isnan(noise.tail_index([1.0, 2.0, 3.0]))
 
 
+def _keys_of_numpy_permutation(g: np.ndarray, seed) -> torch.Tensor:
+    """Sort keys under which tail_alpha_rows permutes g's usable samples as layer_tail_index's rng does."""
+    n = g.shape[0] // 2
+    d = g[0:2 * n:2] - g[1:2 * n:2]
+    usable = np.flatnonzero(np.broadcast_to((d != 0).all(0), d.shape).ravel())
+    perm = np.random.default_rng(seed).permutation(len(usable))
+    keys = np.full(d.size, np.inf)
+    keys[usable[perm]] = np.arange(len(perm))
+    return torch.tensor(keys)
+
+
+@pytest.mark.parametrize("k, c, kind", [(16, 4096, "stable"), (32, 700, "scaled"), (64, 2000, "stable"),
+                                        (16, 100, "scaled"), (8, 1000, "scaled")])
+def test_device_tail_index_is_the_numpy_estimator(k, c, kind):
+    """tail_alpha_rows (all tensors and models at once, on the device) gives layer_tail_index's α̂ when it
+    permutes the samples the same way — also with a column dropped for a zero pair difference, and NaN
+    where the reference is NaN (too few micro-batches, too few samples); rows are independent."""
+    rng = np.random.default_rng(k + c)
+    g = (levy_stable.rvs(1.5, 0.0, size=(k, c), random_state=k) if kind == "stable"
+         else rng.standard_normal((k, c)) * np.exp(rng.normal(size=c)) + rng.normal(size=c))
+    g[2, 5] = g[3, 5]
+    ref = noise.layer_tail_index(g, np.random.default_rng([7, 1]))
+    other = rng.standard_normal((k, c))
+    keys = torch.stack([_keys_of_numpy_permutation(g, [7, 1]), torch.rand(k // 2 * c, dtype=torch.float64)])
+    got = noise.tail_alpha_rows(torch.tensor(np.stack([g, other])), keys)
+    assert got.shape == (2,)
+    assert (math.isnan(ref) and math.isnan(got[0])) or got[0].item() == pytest.approx(ref, rel=1e-10)
+    alone = noise.tail_alpha_rows(torch.tensor(other)[None], keys[1:])
+    assert torch.equal(alone.isnan(), got[1:].isnan()) and torch.allclose(alone, got[1:], equal_nan=True)
+
+
+def test_tail_keys_are_per_model_streams():
+    """A model's keys depend on its seed only: the same measured alone or with others."""
+    together = noise.tail_keys([5, 9], [3, 4], "cpu")
+    alone = noise.tail_keys([9], [3, 4], "cpu")
+    assert [t.shape for t in together] == [(2, 3), (2, 4)]
+    assert all(torch.equal(a[0], t[1]) for a, t in zip(alone, together))
+    assert not torch.equal(together[0][0], together[0][1])
+
+
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_injected_noise_through_the_model_pipeline(alpha):
     """Per-sample gradients w − c_i with c_i Gaussian or α-stable around a mean, coordinates of different
