@@ -13,7 +13,8 @@ probabilities from the saved log-sum-exp, and its dk/dv and dq loops run in one 
 block), in blocks of ``BLOCK`` rows; inputs bf16 or fp16, every sum in fp32, as the SDPA kernels compute
 them. ``torch.library.triton_op`` makes each a PyTorch operator that ``torch.compile`` traces into and a
 CUDA graph records. The number of sequences only sets the kernels' grid (shapes, strides and scales are
-compile-time constants of T, C and H), so one compiled pass serves any number of slots.
+compile-time constants of T, C and H), so one compiled pass serves any number of slots; sequences × heads
+run along the grid's x, whose limit (2^31 − 1) a pass cannot reach, where y and z stop at 65,535.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def _forward_kernel():
     @triton.jit
     def _fwd(QKV, O, LSE, QK_SCALE: tl.constexpr, T: tl.constexpr, C: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
              BLOCK_: tl.constexpr):
-        i = tl.program_id(0)  # query block
-        nh = tl.program_id(1)  # sequence * H + head
+        nh = tl.program_id(0)  # sequence * H + head: the grid's x, the one dimension past 65,535 programs
+        i = tl.program_id(1)  # query block
         n = nh // H
         h = nh % H
         rows = tl.arange(0, BLOCK_)
@@ -113,8 +114,8 @@ def _backward_kernel():
     @triton.jit
     def _bwd(QKV, O, DO, LSE, DQKV, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr,
              C: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_: tl.constexpr):
-        b = tl.program_id(0)  # this program's key block (dk, dv) and query block (dq)
-        nh = tl.program_id(1)
+        nh = tl.program_id(0)  # sequence * H + head (the grid's x: see _fwd)
+        b = tl.program_id(1)  # this program's key block (dk, dv) and query block (dq)
         n = nh // H
         h = nh % H
         NB: tl.constexpr = T // BLOCK_
@@ -190,7 +191,7 @@ def operator():
         block, warps, _, stages = options
         o = qkv.new_empty(M, ST, C)
         lse = torch.empty(N * H, T, device=qkv.device, dtype=torch.float32)
-        wrap_triton(_fwd)[(T // block, N * H)](qkv, o, lse, QK_SCALE=_scales(C // H)[1], T=T, C=C, H=H, D=C // H,
+        wrap_triton(_fwd)[(N * H, T // block)](qkv, o, lse, QK_SCALE=_scales(C // H)[1], T=T, C=C, H=H, D=C // H,
                                                BLOCK_=block, num_warps=warps, num_stages=stages)
         return o, lse
 
@@ -203,7 +204,7 @@ def operator():
         block, _, warps, stages = options
         dqkv = torch.empty_like(qkv)
         sm, qk = _scales(C // H)
-        wrap_triton(_bwd)[(T // block, N * H)](qkv, o, do, lse, dqkv, SM_SCALE=sm, QK_SCALE=qk, T=T, C=C, H=H, D=C // H,
+        wrap_triton(_bwd)[(N * H, T // block)](qkv, o, do, lse, dqkv, SM_SCALE=sm, QK_SCALE=qk, T=T, C=C, H=H, D=C // H,
                                                BLOCK_=block, num_warps=warps, num_stages=stages)
         return dqkv
 
