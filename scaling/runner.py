@@ -58,9 +58,8 @@ class RunOutcome:
         return f"run {self.run_id} {self.status}: {what}"
 
 
-# Held by the metric sink and the checkpoint writer while they work: one background thread runs at a time.
-# Two at once slowed the training loop beside them 2.5 times as much as both one after the other (bench,
-# docs/performance.md sixth round: +0.9 ms per step of 16.6 together, +0.15-0.2 ms each alone).
+# Held by the metric sink and the checkpoint writer while they work: one background thread runs at a time,
+# because two at once slow the training loop beside them far more than both one after the other.
 _BACKGROUND = threading.Lock()
 
 
@@ -259,8 +258,8 @@ GIL_SWITCH_S = 1e-4  # Python's thread switch interval while a run trains beside
 def quick_gil_handoff(seconds: float | None = None):
     """A short switch interval while training: the metric-sink and checkpoint threads run Python (MLflow
     requests) beside the training thread, and each time that thread releases the GIL (every tensor op,
-    every graph replay) it waited up to Python's 5 ms to get it back — long enough to leave the GPU idle
-    (docs/performance.md). 0.1 ms bounds that wait and still leaves the threads their share.
+    every graph replay) it waits up to Python's 5 ms to get it back — long enough to leave the GPU idle.
+    0.1 ms bounds that wait and still leaves the threads their share.
     ``seconds``: another interval (the benchmark compares them)."""
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, GIL_SWITCH_S) if seconds is None else seconds)

@@ -115,9 +115,8 @@ def store_template() -> Path:
 def seed_sqlite_store(db: Path) -> bool:
     """Start a new SQLite store as a copy of :func:`store_template`; True if it was seeded.
 
-    A new store runs MLflow's schema migrations, 0.6-0.9 s on the GPU machine and about 2 s on a 2-core
-    one (docs/performance.md, seventh and ninth rounds), at every first run into it; a copy of the migrated template
-    takes milliseconds. MLflow then finds its tables, checks the schema revision and adds the default
+    A new store runs MLflow's schema migrations (seconds on a small machine) at every first run into it; a copy
+    of the migrated template takes milliseconds. MLflow then finds its tables, checks the schema revision and adds the default
     experiment, as for a store it migrated itself. Only a store file that does not exist yet is seeded
     (linked into place: a store another process creates meanwhile is left alone); whatever fails here
     leaves the store to MLflow.
