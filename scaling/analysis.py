@@ -1388,6 +1388,16 @@ def _optimum_record(r: pd.Series) -> dict[str, Any]:
     return d
 
 
+def headline_fit(ph: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The fit a phase's β is read from: the censored fit where it was made, else the uncensored one,
+    else ``all`` when its interval is calibrated; None when no fit qualifies."""
+    for kind in ("censored", "uncensored", "all"):
+        f = ph["fits"][kind]
+        if f["status"] == "ok" and f.get("interval_calibrated", True):
+            return kind, f
+    return None
+
+
 def summary_row(res: dict[str, Any]) -> dict[str, Any]:
     """One row per phase for the side-by-side table."""
     fa, fu, fc = res["fits"]["all"], res["fits"]["uncensored"], res["fits"]["censored"]

@@ -9,6 +9,8 @@
 - ``beta_by_phase.png``: β per phase and fit with its interval against the theory values, each
   phase's caveats under its name.
 - ``clip_frequency_<phase>.png``: clip frequency vs LR per batch size (only where clip metrics exist).
+- ``noise_prediction_<phase>.png``: LR_opt vs B against the laws the measured B_noise predicts
+  (:func:`scaling.theory_plots.plot_noise_prediction`; only where the phase has the gradient noise section).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import matplotlib.colors
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
+import pandas as pd
 
 from scaling import analysis
 
@@ -54,6 +57,9 @@ def make_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         paths.append(plot_lr_opt(ph, out / f"lr_opt_vs_batch_{slug}.png"))
         paths.append(plot_heatmap(ph, out / f"loss_heatmap_{slug}.png"))
         p = plot_clip_frequency(ph, out / f"clip_frequency_{slug}.png")
+        if p is not None:
+            paths.append(p)
+        p = plot_noise(ph, out / f"noise_prediction_{slug}.png")
         if p is not None:
             paths.append(p)
     paths.append(plot_beta(report, out / "beta_by_phase.png"))
@@ -112,16 +118,6 @@ def _add_caveats(fig, ph: dict[str, Any], width: int = 110) -> None:
         renderer = fig.canvas.get_renderer()
         bottom = min(a.get_tightbbox(renderer).transformed(fig.transFigure.inverted()).y0 for a in fig.axes)
         fig.text(0.01, bottom - 0.02, text, ha="left", va="top", fontsize=7, color="crimson", family="monospace")
-
-
-def headline_fit(ph: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The fit theory slopes are drawn through: the censored fit where it was made, else the
-    uncensored one, else ``all`` when its interval is calibrated; None when no fit qualifies."""
-    for kind in ("censored", "uncensored", "all"):
-        f = ph["fits"][kind]
-        if f["status"] == "ok" and f.get("interval_calibrated", True):
-            return kind, f
-    return None
 
 
 def _fit_label(kind: str, f: dict[str, Any], same: bool) -> str:
@@ -257,7 +253,7 @@ def _draw_laws(ax, ph: dict[str, Any], grid_b: np.ndarray, seed: int) -> None:
 
 def _draw_theory(ax, ph: dict[str, Any], grid_b: np.ndarray) -> bool:
     """Theory slopes through the centre of the headline fit; nothing when no fit was made."""
-    head = headline_fit(ph)
+    head = analysis.headline_fit(ph)
     if head is None:
         return False
     kind, f = head
@@ -385,6 +381,36 @@ def _beta_caveat(ph: dict[str, Any]) -> str:
     if ph["epochs"]["repeated_data_batch_sizes"]:
         parts.append(f"{len(ph['epochs']['repeated_data_batch_sizes'])} repeated data")
     return "\n".join(textwrap.wrap(", ".join(parts), 28))
+
+
+def noise_points(ph: dict[str, Any]) -> pd.DataFrame:
+    """The optima as :func:`scaling.theory_plots.plot_noise_prediction` takes them: the vertex with its
+    ±1.96 SE where there is one, else the grid argmin; a censored optimum at its bound."""
+    rows = []
+    for o in ph["optima"]:
+        if o["status"] != "ok":
+            continue
+        vertex = o["vertex_status"] == "ok" and o.get("vertex_lr")
+        lr = o["vertex_lr"] if vertex else (o.get("bound_lr") or o["argmin_lr"]) if o["censored"] else o["argmin_lr"]
+        se = (o.get("vertex_log_se") or 0.0) if vertex else 0.0
+        rows.append({"batch_size": o["batch_size"], "lr": lr, "lr_lo": lr * math.exp(-1.96 * se),
+                     "lr_hi": lr * math.exp(1.96 * se), "censored": o["censored"]})
+    return pd.DataFrame(rows, columns=["batch_size", "lr", "lr_lo", "lr_hi", "censored"])
+
+
+def plot_noise(ph: dict[str, Any], path: str | Path) -> Path | None:
+    """LR_opt(B) against the laws the phase's measured B_noise predicts (only where it has the section)."""
+    from scaling import noise_report, theory_plots
+
+    sec = (ph.get("sections") or {}).get(noise_report.SECTION)
+    pts = noise_points(ph)
+    if not sec or sec["b_noise"].get("median") is None or not len(pts):
+        return None
+    models = ph["laws"].get("models") or {}
+    return theory_plots.plot_noise_prediction(
+        pts, sec["b_noise"], path, fitted=models,
+        title=f"phase {ph['phase']}: LR_opt(B) (vertex ±1.96 SE), fitted laws, and the laws predicted\nfrom "
+              f"the B_noise measured in {sec['b_noise']['n']} runs near the optima")
 
 
 def plot_clip_frequency(ph: dict[str, Any], path: str | Path) -> Path | None:

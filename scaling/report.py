@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from scaling import analysis, runs_table, sibling_report, tracking
+from scaling import analysis, noise_report, runs_table, sibling_report, tracking
 from scaling.config import ConfigError, builtin_phase_names, first_line
 
 SCHEMA_VERSION = 2
@@ -52,7 +52,7 @@ def parse_phases(phases) -> list[str]:
 RUN_COLUMNS = runs_table.Columns(
     params=("batch_size", "lr", "grad_clip", "seed", "budget_kind", "budget"),
     tags=(tracking.TAG_DIVERGED, tracking.TAG_LEARNED, tracking.TAG_SOURCE),
-    metrics=analysis.METRIC_COLUMNS)
+    metrics=(*analysis.METRIC_COLUMNS, *noise_report.NOISE_METRICS))
 
 
 def load_runs(client, phases: list[str]) -> pd.DataFrame:
@@ -88,7 +88,7 @@ def _run_row(run: runs_table.RunRecord, phase: str) -> dict[str, Any] | None:
            "grad_clip": p.get("grad_clip"), "seed": p.get("seed"), "status": run.status,
            "diverged": t.get(tracking.TAG_DIVERGED), "learned": t.get(tracking.TAG_LEARNED),
            "source": t.get(tracking.TAG_SOURCE), "budget_kind": p.get("budget_kind"), "budget": p.get("budget")}
-    for k in analysis.METRIC_COLUMNS:
+    for k in RUN_COLUMNS.metrics:
         row[k] = m.get(k)
     return row
 
@@ -118,7 +118,8 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
     client = tracking.connect(tracking_uri)
     settings = {"phases": names, "metric": metric, "estimator": estimator, "exclude_unlearned": exclude_unlearned,
                 "pool_budgets": pool_budgets, "budget": budget, "bootstrap": bootstrap, "seed": seed,
-                "confidence": 0.95, "quadratic_window": 1, "overfit_threshold": 0.05, "law_points": "uncensored"}
+                "confidence": 0.95, "quadratic_window": 1, "overfit_threshold": 0.05, "law_points": "uncensored",
+                "noise_window": 1}
     # Sibling phases (grokking, the model-size ladder) get their own sections; those whose runs vary over a
     # variant axis (task, schedule, size...) are no LR_opt(B) grid and stay out of the analysis below.
     siblings = sibling_report.collect(client, names, metric, settings["confidence"])
@@ -129,7 +130,10 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
                                   exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, budget=budget,
                                   bootstrap=bootstrap, seed=seed, phases=main, confidence=settings["confidence"],
                                   window=settings["quadratic_window"], overfit_threshold=settings["overfit_threshold"],
-                                  law_points=settings["law_points"])
+                                  law_points=settings["law_points"],
+                                  sections={noise_report.SECTION: noise_report.NoiseSection(
+                                      histories=noise_report.HistoryReader(client),
+                                      window=settings["noise_window"])})
     report = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -251,7 +255,8 @@ def _log_comparison(client, report: dict[str, Any], d: Path) -> str:
 #: Extra per-phase sections: a phase's ``sections[name]`` (filled by an optional analysis, e.g. a
 #: gradient-noise-scale prediction of the slope) is rendered by ``PHASE_SECTIONS[name](section,
 #: phase)`` → lines, after the fits; a section without a renderer is listed as ``key: value`` lines.
-PHASE_SECTIONS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[str]]] = {}
+PHASE_SECTIONS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[str]]] = {
+    noise_report.SECTION: noise_report.render_lines}
 
 
 def _f(v, fmt="{:.3f}", none="-") -> str:

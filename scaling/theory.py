@@ -6,8 +6,8 @@ Each run measures its critical batch size B_noise (B_simple of McCandlish et al.
 
 - B_noise at the end of training: the median over the runs near their optimum (the argmin LR of each
   batch size and its ``window`` neighbours in that batch size's LR grid), with its interquartile range
-  (:func:`b_noise_summary`); B_noise over training from the runs' metric histories
-  (:func:`b_noise_over_training`).
+  (:func:`b_noise_summary`); B_noise over training from the runs' metric histories, on a clock of
+  fractions of each run's steps (:func:`by_fraction_of_training`, :func:`b_noise_over_training`).
 - The local slope d ln LR_opt / d ln B each law predicts at batch size B from B_noise alone
   (:data:`LAWS`, :func:`local_slope`), no fitting:
 
@@ -107,10 +107,14 @@ def runs_near_optima(runs: pd.DataFrame, optima: pd.DataFrame, window: int = 1) 
     with status ``ok``) or within ``window`` steps of it in that batch size's LR grid (the LRs of its runs)."""
     keep = pd.Series(False, index=runs.index)
     ok = optima[optima["status"].eq("ok")] if "status" in optima else optima
+    # a phase whose budgets are fitted together has one optimum per (B, budget): match the budget too
+    budget_key = next((k for k in ("budget_label", "budget") if k in optima), None)
     for _, o in ok.iterrows():
         at_b = runs["batch_size"].eq(o["batch_size"])
         if "phase" in runs and "phase" in o:
             at_b &= runs["phase"].astype(str).eq(str(o["phase"]))
+        if budget_key and "budget_label" in runs and isinstance(o[budget_key], str):
+            at_b &= runs["budget_label"].astype(str).eq(o[budget_key])
         lrs = np.sort(runs.loc[at_b, "lr"].astype(float).unique())
         if not len(lrs):
             continue
@@ -141,6 +145,22 @@ def b_noise_summary(runs: pd.DataFrame, optima: pd.DataFrame, column: str = "b_n
     by_batch = [{"batch_size": int(b), **_quantiles(pd.to_numeric(g[column]).to_numpy(float))}
                 for b, g in near.groupby("batch_size")]
     return {"column": column, "window": window, **_quantiles(vals), "by_batch": by_batch}
+
+
+def by_fraction_of_training(history: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
+    """A metric history (columns ``run_id``, ``step``, ``value``) on a common clock: each run's steps as
+    fractions of its last logged step, cut into ``bins`` equal bins; per run and bin the last value
+    (B_simple is a running average, so its last value in a bin is the bin's estimate). Runs of
+    different batch sizes train for different numbers of steps; this is what lets their histories be
+    pooled. Columns: run_id, fraction (the bin's upper edge), value."""
+    h = history[["run_id", "step", "value"]].copy()
+    h["value"] = pd.to_numeric(h["value"], errors="coerce")
+    h = h[np.isfinite(h["value"]) & (h["step"] > 0)].sort_values(["run_id", "step"])
+    if not len(h):
+        return pd.DataFrame({"run_id": [], "fraction": [], "value": []})
+    frac = h["step"] / h.groupby("run_id")["step"].transform("max")
+    h["fraction"] = np.ceil(np.round(frac * bins, 9)) / bins
+    return h.groupby(["run_id", "fraction"], as_index=False)["value"].last()
 
 
 def b_noise_over_training(history: pd.DataFrame, x: str = "step", value: str = "value") -> pd.DataFrame:
@@ -182,22 +202,25 @@ def compare_with_measured(b_noise: Mapping[str, Any], batch_sizes: Iterable[floa
                           beta_ci, tail: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per prediction: ``name``, predicted ``beta`` (the mean local slope over the grid, or
     1 − 1/α), ``beta_grid`` (the grid slope), ``beta_range`` (the same at B_noise's quartiles, or α's),
-    the measured ``beta_measured`` and ``beta_ci``, and ``consistent``: the prediction inside the
-    interval (None when either is unknown)."""
+    ``per_batch`` (the local slope at each batch size; None for the tail index), the measured
+    ``beta_measured`` and ``beta_ci``, and ``consistent``: the prediction inside the interval (None
+    when either is unknown)."""
     bs = list(batch_sizes)
     rows = []
     med = b_noise.get("median")
     for law in LAWS:
         if med is None:
-            rows.append({"name": law, "beta": None, "beta_grid": None, "beta_range": None})
+            rows.append({"name": law, "beta": None, "beta_grid": None, "beta_range": None, "per_batch": None})
             continue
         p = predicted_beta(bs, med)[law]
         rng = None
         if b_noise.get("q25") and b_noise.get("q75"):
             rng = [predicted_beta(bs, b_noise["q25"])[law]["mean"], predicted_beta(bs, b_noise["q75"])[law]["mean"]]
-        rows.append({"name": law, "beta": p["mean"], "beta_grid": p["grid_slope"], "beta_range": rng})
+        rows.append({"name": law, "beta": p["mean"], "beta_grid": p["grid_slope"], "beta_range": rng,
+                     "per_batch": p["per_batch"]})
     if tail is not None and tail.get("beta") is not None:
-        rows.append({"name": "tail_index", "beta": tail["beta"], "beta_grid": None, "beta_range": tail["beta_range"]})
+        rows.append({"name": "tail_index", "beta": tail["beta"], "beta_grid": None, "beta_range": tail["beta_range"],
+                     "per_batch": None})
     for r in rows:
         r.update(beta_measured=beta, beta_ci=list(beta_ci) if beta_ci is not None else None,
                  consistent=_inside(r["beta"], beta_ci))
@@ -205,11 +228,14 @@ def compare_with_measured(b_noise: Mapping[str, Any], batch_sizes: Iterable[floa
 
 
 def theory_report(runs: pd.DataFrame, optima: pd.DataFrame, beta: float | None, beta_ci,
-                  window: int = 1) -> dict[str, Any]:
+                  window: int = 1, batch_sizes: Iterable[float] | None = None) -> dict[str, Any]:
     """Everything above for one phase (``runs``: its runs table with ``b_noise`` / ``tail_index_alpha``
     columns where measured; ``optima``: its optimum table; ``beta``, ``beta_ci``: the fitted β and its
-    interval). JSON-ready; B_noise in sequences."""
-    bs = sorted(int(b) for b in optima.loc[optima["status"].eq("ok"), "batch_size"]) if len(optima) else []
+    interval; ``batch_sizes``: the grid the predictions average over, best the one β was fitted on;
+    default: every batch size with an optimum). JSON-ready; B_noise in sequences."""
+    if batch_sizes is None:
+        batch_sizes = optima.loc[optima["status"].eq("ok"), "batch_size"] if len(optima) else []
+    bs = sorted({int(b) for b in batch_sizes})
     out: dict[str, Any] = {"batch_sizes": bs}
     for col in ("b_noise", "b_noise_median", "b_noise_adam"):
         out[col] = b_noise_summary(runs, optima, col, window)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_TEXT, run_cli
 
 from scaling import tracking
 from scaling.cli import main
@@ -262,10 +263,53 @@ def test_extra_sections_render_in_the_report(monkeypatch):
 
     rows = [dict(phase="p", batch_size=b, lr=lr, seed=0, status="FINISHED", final_val_loss=2 + (math.log(lr / (1e-3 * b / 32))) ** 2)
             for b in (32, 64, 128) for lr in (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)]
-    res = analysis.analyze(pd.DataFrame(rows), sections={"gradient_noise": lambda runs, r: {"predicted_beta": 0.41}})
+    res = analysis.analyze(pd.DataFrame(rows), sections={"extra": lambda runs, r: {"predicted_beta": 0.41}})
     rep = {"settings": {"phases": ["p"], "metric": "final_val_loss", "estimator": "vertex", "exclude_unlearned": False,
                         "pool_budgets": False, "bootstrap": 0, "seed": 0}, **res}
-    assert "gradient_noise: predicted_beta = 0.41" in report.render_table(rep)  # no renderer: key = value
-    monkeypatch.setitem(report.PHASE_SECTIONS, "gradient_noise",
+    assert "extra: predicted_beta = 0.41" in report.render_table(rep)  # no renderer: key = value
+    monkeypatch.setitem(report.PHASE_SECTIONS, "extra",
                         lambda sec, ph: [f"gradient noise scale predicts beta = {sec['predicted_beta']:.2f}"])
     assert "gradient noise scale predicts beta = 0.41" in report.render_table(rep)
+
+
+NOISY_PHASE = """\
+name: tiny_noisy
+data: {dataset: wikitext2}
+model: {d_model: 16, n_layers: 1, n_heads: 2, context_length: 16, vocab_size: 128}
+optim: {warmup: 2}
+train: {budget_kind: steps, budget: 10, eval_interval: 10, eval_batches: 2, log_interval: 5, checkpoint_every: 10,
+        noise_interval: 5, noise_microbatch: 1, tail_index: true}
+grid: {batch_sizes: [16, 32], lrs: [3.0e-3, 3.0e-2], clips: [1.0]}
+"""
+
+
+def test_a_sweep_that_measures_gradient_noise_gets_the_noise_section(store, tmp_path):
+    """A real tiny sweep with noise measurement on (16 micro-batches of one sequence at B = 16: the tail index
+    too) beside the study's table (no noise metrics): only the first gets the section and its plot."""
+    phase_file = tmp_path / "tiny_noisy.yaml"
+    phase_file.write_text(NOISY_PHASE)
+    r = run_cli("sweep", "--phase-file", phase_file, "--data-dir", TINY_TEXT, "--splits", "valid:test", "--device",
+                "cpu", "--quiet", "--tracking-uri", store, "--storage", f"sqlite:///{tmp_path}/sweeps.db", cwd=tmp_path,
+                env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # one thread: tiny models, shared cores
+    assert r.returncode == 0, r.stderr
+    from scaling.importing import import_table
+
+    import_table(STUDY, "2_5", tracking_uri=store)
+    out = tmp_path / "reports"
+    r = CliRunner().invoke(main, ["compare", "--phases", "tiny_noisy,2_5", "--tracking-uri", store, "--no-mlflow",
+                                  "--format", "json", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    noisy, study = json.loads(r.output)["phases"]
+    assert study["sections"] == {}
+    sec = noisy["sections"]["gradient_noise"]
+    assert sec["b_noise"]["n"] == 4 and sec["b_noise"]["median"] > 0  # every run is near an optimum of 2 LRs
+    assert {p["name"] for p in sec["predictions"]} == {"sgd", "adam_sqrt", "surge", "tail_index"}
+    assert sec["measured"]["fit"] is None  # two batch sizes fit no beta: nothing is said to agree
+    assert all(p["consistent"] is None for p in sec["predictions"])
+    assert sec["over_training"]["n_runs"] == 4 and sec["over_training"]["points"][-1]["fraction"] == 1.0
+    assert sec["over_training"]["points"][-1]["median"] == pytest.approx(sec["b_noise"]["median"])
+    text = (out / "compare.txt").read_text()
+    assert text.count("gradient noise (B_simple in sequences") == 1
+    assert "sgd: the sgd law predicts beta = " in text and "no measured beta to set it beside" in text
+    assert (out / "plots" / "noise_prediction_tiny_noisy.png").read_bytes()[:8] == PNG
+    assert not (out / "plots" / "noise_prediction_2_5.png").exists()

@@ -78,6 +78,21 @@ def test_a_direct_read_that_fails_falls_back_to_search_runs(store, monkeypatch, 
     assert "note: runs read through MLflow (no such column" in capsys.readouterr().err
 
 
+def test_metric_history_of_chosen_runs_is_what_mlflow_gives(store, monkeypatch):
+    client, _, runs, _ = store
+    for step, v in ((5, 2.0), (10, float("nan")), (15, 4.0)):
+        tracking.log_record(client, runs[0], metrics=[("gns_b_simple", v, step)])
+    tracking.log_record(client, runs[1], metrics=[("gns_b_simple", 7.0, 5)])
+    tracking.log_record(client, runs[2], metrics=[("gns_b_simple", 9.0, 5)])  # not asked for
+    asked = [runs[1], runs[0], runs[4]]
+    norm = lambda pts: [(p.run_id, p.step, p.timestamp, "nan" if math.isnan(p.value) else p.value) for p in pts]
+    direct = runs_table.fetch_metric_history(client, asked, "gns_b_simple")
+    monkeypatch.setattr(runs_table, "database_uri", lambda uri: None)  # as through a server
+    assert norm(direct) == norm(runs_table.fetch_metric_history(client, asked, "gns_b_simple"))
+    assert sorted({p.run_id for p in direct}) == sorted(runs[:2])
+    assert [(p.step, p.value) for p in direct if p.run_id == runs[0]][::2] == [(5, 2.0), (15, 4.0)]
+
+
 def test_the_done_pass_asks_per_config_and_not_again_once_done(tmp_path, tiny_random_phase, one_thread_torch):
     """grid_status queries the runs of each configuration by its config_hash tag (never the whole
     experiment), and with a GridView it does not ask again about configurations found done."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from scaling import analysis, theory
+from scaling import analysis, noise_report, report, theory
 from scaling.theory_plots import is_censored, plot_noise_prediction
 
 GRID = [16, 32, 64, 128, 256]
@@ -134,3 +135,121 @@ def test_censored_entries_as_the_optimum_table_writes_them():
     col = pd.DataFrame({"c": [None, "high", "low", None, False, ""]})["c"]  # pandas may hold None as NaN
     assert [is_censored(v) for v in col] == [False, True, True, False, False, False]
     assert is_censored(math.nan) is False and is_censored(True) is True
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient noise section of `scaling compare` (scaling.noise_report)
+
+B_NOISE = 200.0
+
+
+def _seeded_runs(b_noise=B_NOISE, alpha=2.0, noise=0.01, seeds=(0, 1, 2), with_noise=True):
+    """A raw runs table (as report.load_runs builds it): loss a parabola in ln LR with its minimum at
+    LR* = 3e-3·(B/16)^0.5 plus seed noise; runs within one LR step of each batch size's best grid LR carry
+    ``b_noise`` (the runs farther away carry 100×, so a section that took them would show it)."""
+    rng = np.random.default_rng(7)
+    lrs = 1e-4 * 2.0 ** np.arange(9)
+    rows = []
+    for b in GRID:
+        best = 3e-3 * (b / 16) ** 0.5
+        near = np.abs(np.log2(lrs / lrs[np.argmin(np.abs(np.log(lrs / best)))])) < 1.01
+        for lr, is_near in zip(lrs, near):
+            for s in seeds:
+                row = {"run_id": f"B{b}-{lr:.2e}-s{s}", "phase": "p", "batch_size": b, "lr": lr, "seed": s,
+                       "status": "FINISHED", "final_val_loss": 2 + 0.3 * math.log(lr / best) ** 2 + rng.normal(0, noise)}
+                if with_noise:
+                    row.update(b_noise=b_noise if is_near else 100 * b_noise, b_noise_median=b_noise / 2,
+                               b_noise_adam=3 * b_noise, tail_index_alpha=alpha)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _far_run_ids(runs):
+    return runs.loc[runs["b_noise"] > B_NOISE, "run_id"].tolist()
+
+
+@dataclass
+class FakeHistories:
+    """Each run's gns_b_simple history: B measurements ending at step 10·B, growing linearly to B_NOISE
+    (runs of different B train for different numbers of steps, as at equal tokens)."""
+    asked: list = field(default_factory=list)
+
+    def __call__(self, run_ids, key):
+        self.asked += list(run_ids)
+        rows = [(rid, step, B_NOISE * step / (10 * b)) for rid in run_ids
+                for b in [int(rid.split("-")[0][1:])] for step in range(b, 10 * b + 1, b)]
+        return pd.DataFrame(rows, columns=["run_id", "step", "value"])
+
+
+def _section(runs, **kw):
+    res = analysis.analyze(runs, sections={noise_report.SECTION: noise_report.NoiseSection(**kw)})
+    return res, res["phases"][0]["sections"].get(noise_report.SECTION)
+
+
+def test_section_of_a_phase_with_known_b_noise():
+    hist = FakeHistories()
+    res, sec = _section(_seeded_runs(), histories=hist)
+    ph = res["phases"][0]
+    kind, fit = analysis.headline_fit(ph)
+    assert sec["measured"]["fit"] == kind and sec["measured"]["beta_ci"] == fit["beta_ci"]
+    assert sec["measured"]["batch_sizes"] == GRID and sec["batch_sizes"] == GRID
+    assert fit["beta_ci"][0] < 0.5 < fit["beta_ci"][1]
+    # B_noise from the 3 LRs x 3 seeds near each of the 5 optima only
+    assert sec["b_noise"]["median"] == B_NOISE and sec["b_noise"]["n"] == 45
+    assert sec["b_noise_median"]["median"] == B_NOISE / 2 and sec["b_noise_adam"]["median"] == 3 * B_NOISE
+    assert [r["n"] for r in sec["b_noise"]["by_batch"]] == [9] * 5
+    by = {r["name"]: r for r in sec["predictions"]}
+    for law in theory.LAWS:
+        expected = [float(theory.local_slope(law, b, B_NOISE)) for b in GRID]
+        assert by[law]["per_batch"] == pytest.approx(dict(zip(map(str, GRID), expected)))
+        assert by[law]["beta"] == pytest.approx(np.mean(expected))
+        assert by[law]["beta_grid"] == pytest.approx(theory.grid_slope(law, GRID, B_NOISE))
+        lo, hi = fit["beta_ci"]
+        assert by[law]["consistent"] is bool(lo <= np.mean(expected) <= hi)
+    # at B_noise = 200 over B = 16..256: SGD's mean slope 0.72 lies above an interval round 0.5, the others below
+    assert (by["sgd"]["consistent"], by["adam_sqrt"]["consistent"], by["surge"]["consistent"]) == (False,) * 3
+    assert by["tail_index"]["beta"] == pytest.approx(0.5) and by["tail_index"]["consistent"] is True
+    # over training: only the finished runs near the optima were read; fractions pool runs of every length
+    assert len(hist.asked) == 45 and not set(hist.asked) & set(_far_run_ids(_seeded_runs()))
+    ot = sec["over_training"]
+    assert [p["fraction"] for p in ot["points"]] == pytest.approx([k / 10 for k in range(1, 11)])
+    assert [p["median"] for p in ot["points"]] == pytest.approx([B_NOISE * k / 10 for k in range(1, 11)])
+    assert {p["n"] for p in ot["points"]} == {45} and len(ot["by_batch"]) == 5
+
+
+def test_section_sentences_say_where_prediction_and_measurement_agree():
+    res, sec = _section(_seeded_runs(), histories=FakeHistories())
+    rep = {"settings": {"phases": ["p"], "metric": "final_val_loss", "estimator": "vertex", "exclude_unlearned": False,
+                        "pool_budgets": False, "bootstrap": 0, "seed": 0}, **res}
+    text = report.render_table(rep)
+    assert "gradient noise (B_simple in sequences" in text and "B_noise over training (45 runs" in text
+    lines = [ln.strip() for ln in text.splitlines()]
+    said = {name: next(ln for ln in lines if ln.startswith(f"{name}: ")) for name in (*theory.LAWS, "tail_index")}
+    assert "above the measured" in said["sgd"] and "disagree" in said["sgd"]
+    assert "below the measured" in said["adam_sqrt"] and "below the measured" in said["surge"]
+    assert "inside the measured" in said["tail_index"] and "agree." in said["tail_index"]
+    assert sec["statements"] == [s for s in lines if s in sec["statements"]]
+
+
+def test_fitted_law_b_noise_is_set_beside_the_measured_one():
+    ph = {"laws": {"models": {"saturating_a1": {"status": "ok", "params": {"B_noise": {"value": 12.0, "ci": [6.0, 24.0]}}},
+                              "surge": {"status": "not enough points"}}}}
+    assert noise_report.fitted_b_noise(ph, "sgd", 20.0)["measured_inside"] is True
+    assert noise_report.fitted_b_noise(ph, "sgd", 374.0)["measured_inside"] is False
+    assert noise_report.fitted_b_noise(ph, "surge", 20.0) is None
+    assert noise_report.fitted_b_noise(ph, "tail_index", 20.0) is None
+
+
+def test_no_section_without_noise_metrics():
+    hist = FakeHistories()
+    _, sec = _section(_seeded_runs(with_noise=False), histories=hist)
+    assert sec is None and hist.asked == []
+    _, sec = _section(_seeded_runs(b_noise=math.nan), histories=hist)  # columns there, nothing measured
+    assert sec is None
+
+
+def test_by_fraction_of_training_keeps_each_bins_last_value():
+    h = pd.DataFrame({"run_id": ["a"] * 4 + ["b"] * 2, "step": [25, 50, 75, 100, 5, 10],
+                      "value": [1.0, 2.0, 3.0, 4.0, 10.0, 20.0]})
+    out = theory.by_fraction_of_training(h, bins=2)
+    assert out.values.tolist() == [["a", 0.5, 2.0], ["a", 1.0, 4.0], ["b", 0.5, 10.0], ["b", 1.0, 20.0]]
