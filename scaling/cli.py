@@ -125,6 +125,12 @@ def variant_options(fn):
     return wrapper
 
 
+def default_group_size(n_configs: int, workers: int, on_cuda: bool) -> int:
+    """Configs trained together per pass: on CUDA the grid shared evenly by the workers (one worker would
+    otherwise claim the whole grid as one group and leave the others, on their own GPUs, nothing); 1 on CPU."""
+    return -(-n_configs // max(1, workers)) if on_cuda else 1
+
+
 def load_phase_with_overrides(phase_name, phase_file, **over):
     from scaling.config import load_phase
 
@@ -348,15 +354,14 @@ def import_(file, phase_name, phase_file, tracking_uri, data_dir, splits):
 @click.option("--seeds", callback=_ints, default=None, help="Override the phase's seeds.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
 @click.option("--devices", default=None, help="Devices the workers train on, round-robin, e.g. cuda:0,cuda:1 "
-              "(default: every visible GPU; cpu,cpu on a machine without one). Each run records its own in the "
-              "param `device`.")
+              "(default: every visible GPU, else --device). Each run records its own in the param `device`.")
 @click.option("--storage", default=None, help="Claims database shared by all workers (SQLAlchemy URL; default "
               "sqlite beside the MLflow store, e.g. mlruns/sweeps.db; postgresql://... for many machines).")
 @click.option("--retry-failed", is_flag=True, help="Rerun configs whose runs FAILED (not diverged).")
 @click.option("--sweep-name", default=None, help="Name of the sweep's parent run (on creation).")
 @click.option("--group-size", type=int, default=None,
-              help="Train up to this many configs together in one batched pass (default: the whole grid on "
-                   "CUDA, 1 on CPU).")
+              help="Train up to this many configs together in one batched pass (default on CUDA: the grid "
+                   "shared evenly by the --workers, the whole grid for one; 1 on CPU).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the batched step (default: on CUDA).")
 @COMPILE_MODE
@@ -375,7 +380,7 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
                                       eval_interval=eval_interval, eval_batches=eval_batches,
                                       log_interval=log_interval, checkpoint_every=checkpoint_every,
                                       batch_sizes=batch_sizes, lrs=lrs, clips=clips, seeds=seeds, **variants)
-    group_size = group_size or (len(phase.grid_points()) if on_cuda else 1)
+    group_size = group_size or default_group_size(len(phase.grid_points()), workers, on_cuda)
     summary = run_sweep(phase, device=device, data_dir=data_dir, splits=parse_splits(splits),
                         tracking_uri=tracking_uri, storage=storage, workers=workers, retry_failed=retry_failed,
                         progress=not quiet, sweep_name=sweep_name, group_size=group_size, devices=devices,

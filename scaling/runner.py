@@ -101,27 +101,45 @@ class MetricSink(_Worker):
 
     def __init__(self, client):
         self.client = client
+        self.handed = 0  # puts so far (the training thread's count)
+        self._done = 0  # puts sent or given up on (the sink thread's count)
+        self._finished = False
+        self._progress = threading.Condition()
         super().__init__()
 
     def put(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         if isinstance(self.error, tracking.StoreUnavailable):
             raise self.error
         self.q.put((run_id, [(k, v, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]))
+        self.handed += 1
 
-    def _next_batch(self) -> tuple[dict[str, list], bool]:
-        """What has queued up, per run (blocking for the first item); whether the queue was closed."""
+    def wait_done(self, mark: int) -> None:
+        """Return once the first ``mark`` puts are sent (or given up on, or the sink has stopped)."""
+        with self._progress:
+            self._progress.wait_for(lambda: self._done >= mark or self._finished)
+
+    def _count_done(self, n: int) -> None:
+        with self._progress:
+            self._done += n
+            self._progress.notify_all()
+
+    def _next_batch(self) -> tuple[dict[str, list], int, bool]:
+        """What has queued up, per run (blocking for the first item); how many puts; whether the queue was
+        closed."""
         item = self.q.get()
         if item is None:
-            return {}, True
+            return {}, 0, True
         pending: dict[str, list] = {item[0]: list(item[1])}
+        n = 1
         while True:
             try:
                 more = self.q.get_nowait()
             except queue.Empty:
-                return pending, False
+                return pending, n, False
             if more is None:
-                return pending, True
+                return pending, n, True
             pending.setdefault(more[0], []).extend(more[1])
+            n += 1
 
     def _send(self, run_id: str, rows: list) -> None:
         for attempt in range(6):
@@ -140,11 +158,17 @@ class MetricSink(_Worker):
 
     def _work(self) -> None:
         stop = False
-        while not stop:
-            pending, stop = self._next_batch()
-            for run_id, rows in pending.items():
-                if not isinstance(self.error, tracking.StoreUnavailable):
-                    self._send(run_id, rows)
+        try:
+            while not stop:
+                pending, n, stop = self._next_batch()
+                for run_id, rows in pending.items():
+                    if not isinstance(self.error, tracking.StoreUnavailable):
+                        self._send(run_id, rows)
+                self._count_done(n)
+        finally:
+            with self._progress:
+                self._finished = True
+                self._progress.notify_all()
 
 
 def _map(obj, fn, leaf=torch.Tensor):
@@ -197,12 +221,17 @@ class CheckpointWriter(_Worker):
     At most ``max_pending`` states wait; ``put`` blocks beyond that. ``close`` writes everything still
     queued — call it before a run is ended (FINISHED, KILLED or FAILED), so an interrupted run keeps its
     newest checkpoint.
+
+    With the run's ``sink``, a checkpoint is saved only once the metric rows put before it are in the
+    store: a resume retrains from the checkpoint and logs only steps after the last logged one, so rows
+    older than a checkpoint that never reached the store (a kill, a store gone past the retry limit) would
+    be lost for good. Should the sink have lost rows to a store that is gone, no later checkpoint is saved.
     """
 
     failure = "a checkpoint could not be written"
 
-    def __init__(self, client, max_pending: int = 64):
-        self.client = client
+    def __init__(self, client, max_pending: int = 64, sink: MetricSink | None = None):
+        self.client, self.sink = client, sink
         self.lost: dict[str, str] = {}  # run id → why a checkpoint of it was not written
         self.records: dict[str, list[CheckpointRecord]] = {}  # run id → its checkpoint records, as last saved
         super().__init__(max_pending)
@@ -212,13 +241,17 @@ class CheckpointWriter(_Worker):
             raise self.error
         if self.error is not None:  # a lost checkpoint fails the run, as a synchronous write would
             raise RuntimeError(f"checkpoint writing failed: {self.error}") from self.error
-        self.q.put((run_id, _pack(state)))
+        self.q.put((run_id, _pack(state), self.sink.handed if self.sink is not None else 0))
 
     def _work(self) -> None:
         while True:
             item = self.q.get()
             if item is None:
                 return
+            if self.sink is not None:
+                self.sink.wait_done(item[2])
+                if self.error is None and isinstance(self.sink.error, tracking.StoreUnavailable):
+                    self.error = self.sink.error
             if self.error is None:
                 try:
                     with _BACKGROUND:
@@ -476,7 +509,8 @@ def run_config(cfg: RunConfig, device: str = "auto", data_dir=None, tracking_uri
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=resume_state["step"] if resume_state else 0, unit="step",
                    desc=f"B={cfg.batch_size} lr={cfg.lr:g}", file=sys.stderr, mininterval=1.0)
-    sink, writer = MetricSink(client), CheckpointWriter(client)
+    sink = MetricSink(client)
+    writer = CheckpointWriter(client, sink=sink)
     rec = RunRecorder(client, run_id, sink, writer, bar, on_eval, resumed=bool(resume_run_id))
 
     resume_hint = f"; continue it with --resume {run_id}" if source == "train" else ""
@@ -558,7 +592,8 @@ def run_group(cfgs: list[RunConfig], device: str = "auto", data_dir=None, tracki
     opened = [open_run(client, c, corpus, dev, resume_run_id=r, source=source, parent_run_id=parent_run_id,
                        extra_tags=t, resume_tags=how) for c, r, t in zip(cfgs, resume_run_ids, extra_tags)]
     corpus.to(dev)
-    sink, writer = MetricSink(client), CheckpointWriter(client)  # one thread each for the whole group
+    sink = MetricSink(client)  # one thread each for the whole group
+    writer = CheckpointWriter(client, sink=sink)
     recs = [RunRecorder(client, run_id, sink, writer, None, ev, resumed=bool(r))
             for (run_id, _), ev, r in zip(opened, on_evals, resume_run_ids)]
     bar = None

@@ -56,3 +56,30 @@ def test_a_run_whose_last_checkpoint_is_lost_says_so(tmp_path, tiny_random_phase
     assert f"warning: run {out.run_id}: its last checkpoint was not written" in capsys.readouterr().err
     assert "final_val_loss" in run.data.metrics
     assert load_checkpoint(tracking.connect(uri), out.run_id)["step"] == 10  # the one before it stays
+
+
+def test_a_checkpoint_is_saved_only_after_the_metric_rows_put_before_it(monkeypatch):
+    """A resume logs only steps after the last logged one: a checkpoint recorded while older rows were
+    still queued (then lost to a kill or an outage) would leave a hole in the run's metrics for good."""
+    import threading
+
+    from scaling import runner
+
+    events, gate = [], threading.Event()
+
+    class SlowStore:
+        def log_batch(self, run_id, metrics=(), params=(), tags=()):
+            gate.wait(30)
+            events.append(("metrics", max(m.step for m in metrics)))
+
+    monkeypatch.setattr(runner, "save_checkpoint",
+                        lambda client, run_id, state, records=None: events.append(("checkpoint", state["step"])))
+    sink = runner.MetricSink(SlowStore())
+    writer = runner.CheckpointWriter(SlowStore(), sink=sink)
+    sink.put("r", 10, {"train_loss": 1.0})
+    writer.put("r", {"step": 10, "w": torch.zeros(2)})
+    sink.put("r", 15, {"train_loss": 0.9})  # after the checkpoint: not waited for
+    gate.set()
+    sink.close()
+    writer.close()
+    assert events.index(("checkpoint", 10)) > events.index(("metrics", 10)), events

@@ -52,3 +52,11 @@ def test_a_run_records_its_full_device_string():
     if torch.cuda.is_available():
         assert device_label(torch.device("cuda")) == f"cuda:{torch.cuda.current_device()}"
         assert device_label(torch.device("cuda:0")) == "cuda:0"
+
+
+def test_on_cuda_the_default_group_shares_the_grid_among_the_workers():
+    from scaling.cli import default_group_size
+
+    assert default_group_size(20, 1, on_cuda=True) == 20  # one worker: the whole grid in one pass
+    assert default_group_size(20, 2, on_cuda=True) == 10 and default_group_size(20, 3, on_cuda=True) == 7
+    assert default_group_size(20, 4, on_cuda=False) == 1

@@ -256,7 +256,6 @@ def test_server_down_past_the_limit_stops_the_worker_in_one_line_and_the_next_st
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert "Traceback" not in err and len(errors) == 1 and err.splitlines()[-1] == errors[0], err
     assert "has not answered for" in errors[0] and "rerun the same command to resume" in errors[0]
-    observed(f"server down past a 4 s limit: exit 3, {errors[0][:90]}...")
 
     server.start()
     records = recorded(client, run.info.run_id)
@@ -269,6 +268,7 @@ def test_server_down_past_the_limit_stops_the_worker_in_one_line_and_the_next_st
     assert f"damaged checkpoint (step {records[-1].step}: " in err and "truncated" in err, err
     assert f"resuming run {run.info.run_id} from step {records[0].step}" in err, err
     assert summary.complete and summary.trained_now == 1
+    observed(f"server down past a 4 s limit: exit 3, {errors[0]}")  # (capfd held stdout until here)
     observed(f"next start: newest checkpoint (step {records[-1].step}) truncated, resumed from step {records[0].step}")
     runs = phase_runs(server, "mh_limit")
     assert_each_config_once_and_finished(runs, 1)
