@@ -125,12 +125,6 @@ def variant_options(fn):
     return wrapper
 
 
-def default_group_size(n_configs: int, workers: int, on_cuda: bool) -> int:
-    """Configs trained together per pass: on CUDA the grid shared evenly by the workers (one worker would
-    otherwise claim the whole grid as one group and leave the others, on their own GPUs, nothing); 1 on CPU."""
-    return -(-n_configs // max(1, workers)) if on_cuda else 1
-
-
 def load_phase_with_overrides(phase_name, phase_file, **over):
     from scaling.config import load_phase
 
@@ -380,7 +374,9 @@ def sweep(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
                                       eval_interval=eval_interval, eval_batches=eval_batches,
                                       log_interval=log_interval, checkpoint_every=checkpoint_every,
                                       batch_sizes=batch_sizes, lrs=lrs, clips=clips, seeds=seeds, **variants)
-    group_size = group_size or default_group_size(len(phase.grid_points()), workers, on_cuda)
+    if group_size is None:
+        from scaling.sweep import default_group_size, plan
+        group_size = default_group_size(plan(phase), workers, on_cuda)
     summary = run_sweep(phase, device=device, data_dir=data_dir, splits=parse_splits(splits),
                         tracking_uri=tracking_uri, storage=storage, workers=workers, retry_failed=retry_failed,
                         progress=not quiet, sweep_name=sweep_name, group_size=group_size, devices=devices,

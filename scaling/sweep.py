@@ -261,6 +261,27 @@ def plan(phase: Phase, splits: tuple[str, str] = ("train", "valid")) -> list[Run
     return phase.run_configs(splits)
 
 
+# Sequences one batched pass may hold at its start: the phase 2.5 model (d_model 128, 4 layers, context 128) takes
+# about 2.6 MB a sequence in bf16 (docs/performance.md), so 24,576 of them about 63 GB of an 80 GB GPU; a larger
+# model's share shrinks in proportion to d_model x n_layers x context.
+MAX_GROUP_SEQUENCES = 24_576
+REFERENCE_ACTIVATIONS = 128 * 4 * 128
+
+
+def default_group_size(cfgs: Sequence[RunConfig], workers: int, on_cuda: bool) -> int:
+    """Configs a worker trains together per pass: on CUDA the grid shared evenly by the workers (one worker would
+    otherwise claim the whole grid and leave the others, on their own GPUs, nothing), and no more than keeps every
+    group of consecutive configs (the order they are claimed in) within the pass's memory; 1 on CPU."""
+    if not on_cuda:
+        return 1
+    m = cfgs[0].phase.model
+    cap = MAX_GROUP_SEQUENCES * REFERENCE_ACTIVATIONS / (m.d_model * m.n_layers * m.context_length)
+    size = -(-len(cfgs) // max(1, workers))
+    while size > 1 and any(sum(c.batch_size for c in cfgs[i:i + size]) > cap for i in range(0, len(cfgs), size)):
+        size -= 1
+    return size
+
+
 def sweep_id_for(cfgs: Sequence[RunConfig]) -> str:
     """Stable id of a resolved grid: the same grid (same config hashes) is the same sweep."""
     blob = json.dumps({"phase": cfgs[0].phase.name, "configs": sorted(c.config_hash() for c in cfgs)})

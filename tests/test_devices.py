@@ -54,9 +54,15 @@ def test_a_run_records_its_full_device_string():
         assert device_label(torch.device("cuda:0")) == "cuda:0"
 
 
-def test_on_cuda_the_default_group_shares_the_grid_among_the_workers():
-    from scaling.cli import default_group_size
+def test_on_cuda_the_default_group_shares_the_grid_among_the_workers_within_memory():
+    from scaling.config import load_phase
+    from scaling.sweep import MAX_GROUP_SEQUENCES, default_group_size, plan
 
-    assert default_group_size(20, 1, on_cuda=True) == 20  # one worker: the whole grid in one pass
-    assert default_group_size(20, 2, on_cuda=True) == 10 and default_group_size(20, 3, on_cuda=True) == 7
-    assert default_group_size(20, 4, on_cuda=False) == 1
+    grid = plan(load_phase("2_5"))  # 20 configs, 2,400 sequences in all
+    assert default_group_size(grid, 1, on_cuda=True) == 20  # one worker: the whole grid in one pass
+    assert default_group_size(grid, 2, on_cuda=True) == 10 and default_group_size(grid, 3, on_cuda=True) == 7
+    assert default_group_size(grid, 4, on_cuda=False) == 1
+    big = plan(load_phase("4"))  # 168 configs, 48,768 sequences: the whole grid would not fit one GPU
+    size = default_group_size(big, 1, on_cuda=True)
+    chunks = [big[i:i + size] for i in range(0, len(big), size)]
+    assert 1 < size < len(big) and max(sum(c.batch_size for c in ch) for ch in chunks) <= MAX_GROUP_SEQUENCES
