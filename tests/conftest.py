@@ -110,3 +110,25 @@ def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProce
 
 def dedent(s: str) -> str:
     return textwrap.dedent(s)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores torch's default threads make tiny models ~40x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    """(tracking URI, sweep storage URL) in a fresh temp dir."""
+    from scaling import tracking
+
+    d = tmp_path / "mlruns"
+    d.mkdir()
+    tracking.seed_sqlite_store(d / "mlflow.db")
+    return f"sqlite:///{d / 'mlflow.db'}", f"sqlite:///{d / 'sweeps.db'}"

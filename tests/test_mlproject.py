@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from test_sweep import ONE_THREAD, phase_runs, stores  # noqa: F401  (fixtures)
+from test_sweep import ONE_THREAD, phase_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,7 +10,6 @@ from mlflow.tracking import MlflowClient
 
 from scaling.config import ConfigError, load_phase
 from scaling.search import run_search
-from test_sweep import one_thread, stores  # noqa: F401  (fixtures)
 
 
 def synthetic(minimum: float):

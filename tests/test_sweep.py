@@ -24,25 +24,6 @@ QUICK = ["--device", "cpu", "--quiet"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def stores(tmp_path):
-    """(tracking URI, sweep storage URL) in a fresh temp dir."""
-    d = tmp_path / "mlruns"
-    d.mkdir()
-    tracking.seed_sqlite_store(d / "mlflow.db")
-    return f"sqlite:///{d / 'mlflow.db'}", f"sqlite:///{d / 'sweeps.db'}"
-
-
 def phase_runs(uri, phase="tiny_random"):
     """(sweep parents, children) of the phase experiment, active runs only."""
     c = MlflowClient(uri)
