@@ -101,10 +101,10 @@ def merge_heads(att: torch.Tensor, M: int) -> torch.Tensor:
 
 
 def sdpa_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
-    """Causal attention through ``F.scaled_dot_product_attention`` (any device and dtype), float64 on a CPU
-    through :func:`math_causal`."""
+    """Causal attention through ``F.scaled_dot_product_attention`` (any device and dtype); compiled, float64
+    on a CPU through :func:`math_causal` (eager it stays SDPA's, as the one-model loop computes it)."""
     q, k, v = split_heads(qkv, T, H)
-    if qkv.dtype == torch.float64 and not qkv.is_cuda:
+    if qkv.dtype == torch.float64 and not qkv.is_cuda and torch.compiler.is_compiling():
         return merge_heads(math_causal(q, k, v), qkv.shape[0])
     return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True), qkv.shape[0])
 
@@ -112,10 +112,10 @@ def sdpa_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
 def math_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention of (..., T, D) q, k, v written out, in their dtype (SDPA's math kernel).
 
-    The float64 CPU path (the tests' exact arithmetic) takes it because SDPA there picks the CPU flash
-    kernel, whose float64 backward fails compiled on torch releases whose meta function gives its logsumexp
-    float32 while the kernel makes it float64 ("expected scalar type Double but found Float", pytorch#185539,
-    fixed by pytorch#185573 but present in 2.11)."""
+    The compiled float64 CPU pass (the tests' exact arithmetic) takes it because SDPA there picks the CPU
+    flash kernel, whose float64 backward fails compiled on torch releases whose meta function gives its
+    logsumexp float32 while the kernel makes it float64 ("expected scalar type Double but found Float",
+    pytorch#185539, fixed by pytorch#185573 but present in 2.11)."""
     T = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
