@@ -5,7 +5,8 @@ builds it from MLflow (or a test builds it by hand). From it:
 
 1. :func:`config_table` — one row per (phase, batch size, budget, LR): the finished replicates
    (seeds) averaged, their spread kept; a configuration is ``inf`` (worse than any finite loss) only
-   when none of its replicates finished — a diverged seed beside finished ones is counted, not fatal.
+   when every replicate diverged — a diverged seed beside finished ones is counted, not fatal. A run
+   that FAILED without diverging (a crashed worker) has no result: it is left out, and said.
 2. :func:`optimum_table` — one row per (phase, batch size, budget): the grid argmin and the vertex of
    a quadratic in ln LR through the argmin and its neighbours, fitted to every replicate with one
    intercept per seed (a seed's shared loss offset is not noise). The replicates' residuals, pooled
@@ -118,15 +119,20 @@ def normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def infrastructure_failures(runs: pd.DataFrame) -> pd.Series:
+    """Which runs FAILED without diverging: an infrastructure error (a crash, a lost worker), not the
+    configuration's outcome. Such a run has no result (`scaling sweep ... --retry-failed` reruns it)."""
+    return runs["status"].eq("FAILED") & ~runs["diverged"].astype(bool)
+
+
 def _drop_superseded_failures(df: pd.DataFrame) -> pd.DataFrame:
-    """A FAILED run that did not diverge is an infrastructure failure (a crash, a lost worker), not
-    the configuration's outcome: when the same configuration also has a FINISHED or diverged run,
-    that run is its result and the failure is left out (alone, it still counts as worse than any
-    loss)."""
+    """Infrastructure failures (:func:`infrastructure_failures`) of a configuration that also has a
+    FINISHED or diverged run: that run is its result, so the failure is dropped here, unmentioned (a
+    lone failure is left out of the analysis later, with a warning: nothing reran it)."""
     key = ["phase", "batch_size", "lr", "grad_clip", "seed", "budget"]
     outcome = df["status"].eq("FINISHED") | df["diverged"]
     has_outcome = outcome.groupby([df[k].fillna(-1) for k in key]).transform("any")
-    return df[~(df["status"].eq("FAILED") & ~df["diverged"] & has_outcome)].copy()
+    return df[~(infrastructure_failures(df) & has_outcome)].copy()
 
 
 def budget_label(kind, value) -> str:
@@ -170,12 +176,12 @@ def _tristate(v):
 
 
 def objective_values(runs: pd.DataFrame, metric: str) -> pd.Series:
-    """The value to minimise per run: the metric, ``inf`` for diverged/failed runs, NaN when a
-    finished run lacks the metric (such runs are left out and counted)."""
+    """The value to minimise per run: the metric, ``inf`` for a diverged run (worse than any loss), NaN
+    when a run has no result: a finished run lacking the metric, or a run that failed without diverging
+    (:func:`infrastructure_failures`)."""
     v = runs[metric].astype(float) if metric in runs else pd.Series(np.nan, index=runs.index)
-    bad = runs["diverged"].astype(bool) | runs["status"].eq("FAILED")
-    v = v.where(~bad, math.inf)
-    return v.where(~(v.isna() & ~bad), np.nan)
+    v = v.where(~runs["diverged"].astype(bool), math.inf)
+    return v.where(~infrastructure_failures(runs), np.nan)
 
 
 def series_labels(runs: pd.DataFrame) -> pd.Series:
@@ -229,7 +235,7 @@ _MEANS = ("avg_clip_frequency", "avg_grad_norm_before", "avg_grad_norm_after", "
 
 def config_table(runs: pd.DataFrame, metric: str = "final_val_loss") -> pd.DataFrame:
     """One row per (phase, batch_size, budget_label, lr): ``loss`` the mean objective over the
-    finished replicates (``inf`` when none finished: every one diverged or failed), ``loss_std``
+    finished replicates (``inf`` when none finished: every one diverged), ``loss_std``
     their std, ``n_runs``, ``n_diverged``, the means of clip, overfitting and epoch metrics,
     ``learned`` (every replicate learned), ``run_ids``. ``runs`` must be normalized and carry a
     ``phase`` (series) label."""
@@ -1223,12 +1229,17 @@ def _checked_runs(runs, metric, estimator, bootstrap, pool_budgets, phases, budg
 
 
 def _usable_runs(runs: pd.DataFrame, metric: str, exclude_unlearned: bool) -> tuple[pd.DataFrame, dict, list]:
-    """The runs that enter the analysis (finished or failed; unlearned ones dropped when asked),
+    """The runs that enter the analysis (finished or diverged; unlearned ones dropped when asked),
     the learned counts, and the warnings about what was left out."""
     warn = []
-    usable = runs[runs["status"].isin(["FINISHED", "FAILED"])]
-    if len(runs) > len(usable):
-        warn.append(f"{len(runs) - len(usable)} run(s) neither finished nor failed (running or killed) were left out")
+    ended = runs[runs["status"].isin(["FINISHED", "FAILED"])]
+    if len(runs) > len(ended):
+        warn.append(f"{len(runs) - len(ended)} run(s) neither finished nor failed (running or killed) were left out")
+    crashed = infrastructure_failures(ended)
+    usable = ended[~crashed]
+    if crashed.any():
+        warn.append(f"{int(crashed.sum())} run(s) failed without diverging (an infrastructure error, e.g. a crashed "
+                    f"worker) and have no result: left out; `scaling sweep ... --retry-failed` reruns them")
     n_missing = int(objective_values(usable, metric).isna().sum())
     if n_missing:
         warn.append(f"{n_missing} finished run(s) lack the metric {metric!r} and were left out")
@@ -1236,7 +1247,7 @@ def _usable_runs(runs: pd.DataFrame, metric: str, exclude_unlearned: bool) -> tu
     state = usable["learned"].map(_tristate)
     counts = {"true": int((finished & state.eq(True)).sum()), "false": int((finished & state.eq(False)).sum()),
               "unknown": int((finished & state.isna()).sum()), "diverged_or_failed": int((~finished).sum()),
-              "missing_metric": n_missing, "excluded": 0}
+              "missing_metric": n_missing, "excluded": 0, "failed_no_result": int(crashed.sum())}
     if exclude_unlearned:
         drop = finished & state.eq(False)
         counts["excluded"] = int(drop.sum())
@@ -1271,7 +1282,8 @@ def analyze_series(runs: pd.DataFrame, phase_name: str, metric: str = "final_val
         "grad_clip": (float(usable["grad_clip"].dropna().iloc[0]) if usable["grad_clip"].notna().any() else None),
         "n_runs": len(runs), "n_runs_used": int(len(usable) - counts["missing_metric"]),
         "statuses": runs["status"].value_counts().to_dict(),
-        "n_diverged_or_failed": counts["diverged_or_failed"], "n_excluded_unlearned": counts["excluded"],
+        "n_diverged_or_failed": counts["diverged_or_failed"], "n_failed_no_result": counts["failed_no_result"],
+        "n_excluded_unlearned": counts["excluded"],
         "sources": usable["source"].value_counts().to_dict(),
         "budget": {"kinds": sorted(set(usable["budget_kind"])), "budgets": budgets or budgets_of(usable),
                    "pooled": pooled},

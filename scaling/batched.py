@@ -101,8 +101,25 @@ def merge_heads(att: torch.Tensor, M: int) -> torch.Tensor:
 
 
 def sdpa_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
-    """Causal attention through ``F.scaled_dot_product_attention`` (any device and dtype)."""
-    return merge_heads(F.scaled_dot_product_attention(*split_heads(qkv, T, H), is_causal=True), qkv.shape[0])
+    """Causal attention through ``F.scaled_dot_product_attention`` (any device and dtype); compiled, float64
+    on a CPU through :func:`math_causal` (eager it stays SDPA's, as the one-model loop computes it)."""
+    q, k, v = split_heads(qkv, T, H)
+    if qkv.dtype == torch.float64 and not qkv.is_cuda and torch.compiler.is_compiling():
+        return merge_heads(math_causal(q, k, v), qkv.shape[0])
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True), qkv.shape[0])
+
+
+def math_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of (..., T, D) q, k, v written out, in their dtype (SDPA's math kernel).
+
+    The compiled float64 CPU pass (the tests' exact arithmetic) takes it because SDPA there picks the CPU
+    flash kernel, whose float64 backward fails compiled on torch releases whose meta function gives its
+    logsumexp float32 while the kernel makes it float64 ("expected scalar type Double but found Float",
+    pytorch#185539, fixed by pytorch#185573 but present in 2.11)."""
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, -math.inf).softmax(-1) @ v
 
 
 def fused_causal(qkv: torch.Tensor, T: int, H: int) -> torch.Tensor:
@@ -347,7 +364,10 @@ class RowLayout:
     def optimizer_state(self, m_row: torch.Tensor, v_row: torch.Tensor, step: int, lr: float) -> dict:
         """torch AdamW's state_dict after ``step`` steps at (last) learning rate ``lr``: live views of m, v."""
         m_views, v_views = list(self.views(m_row).values()), list(self.views(v_row).values())
-        state = {j: {"step": torch.tensor(float(step)), "exp_avg": m_views[i], "exp_avg_sq": v_views[i]}
+        # the step's dtype as torch's AdamW makes it: float64 beside float64 parameters, else float32
+        step_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        state = {j: {"step": torch.tensor(float(step), dtype=step_dtype), "exp_avg": m_views[i],
+                     "exp_avg_sq": v_views[i]}
                  for j, i in enumerate(self.opt_order)}
         groups = copy.deepcopy(list(self.opt_groups))
         for g in groups:

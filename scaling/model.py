@@ -33,8 +33,13 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # Attention runs outside autocast, in q/k/v's own dtype (the projection's output: bf16 under bf16
+        # autocast, what autocast would cast them to anyway). Under torch.func's grad (the noise
+        # measurement) autocast reaches into SDPA's math kernel, whose fp32 upcast of bf16 inputs then
+        # meets bf16 tensors in the backward ("expected scalar type Float but found BFloat16").
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return _dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)), self.dropout, self.training)
 
 

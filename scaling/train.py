@@ -121,11 +121,14 @@ def forward_backward(model: NanoTransformer, x: torch.Tensor, y: torch.Tensor, c
             loss = model.loss(x, y)
         loss.backward()
         return loss.detach()
-    total = torch.zeros((), device=x.device)
+    dtype = next(model.parameters()).dtype
+    total = torch.zeros((), device=x.device, dtype=dtype)
     for xs, ys in zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum)):
         with autocast():
             logits = model(xs)
-        logits, targets = logits.float().flatten(0, 1), ys.reshape(-1)
+        # at least fp32 as in NanoTransformer.loss (a float64 model's logits stay float64)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)
+        targets = ys.reshape(-1)
         loss = F.cross_entropy(logits, targets, label_smoothing=t.label_smoothing)
         (loss / t.grad_accum).backward()
         plain = F.cross_entropy(logits.detach(), targets) if t.label_smoothing else loss.detach()
@@ -137,7 +140,7 @@ def forward_backward(model: NanoTransformer, x: torch.Tensor, y: torch.Tensor, c
 def evaluate(model: NanoTransformer, batches, autocast) -> torch.Tensor:
     """Mean validation loss over the fixed batches, as a device scalar."""
     model.eval()
-    total = torch.zeros((), device=batches[0][0].device)
+    total = torch.zeros((), device=batches[0][0].device, dtype=next(model.parameters()).dtype)
     for x, y in batches:
         with autocast():
             total += model.loss(x, y)

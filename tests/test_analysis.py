@@ -377,8 +377,35 @@ def test_an_infrastructure_failure_does_not_hide_the_rerun_of_the_same_config():
                          "seed": [0, 0, 0], "status": ["FAILED", "FINISHED", "FAILED"],
                          "diverged": [False, False, False], "final_val_loss": [np.nan, 2.0, np.nan]})
     df = A.normalize_runs(runs)
-    assert list(df["status"]) == ["FINISHED", "FAILED"]  # the lone failure of lr 3e-3 still counts (as inf)
-    assert list(A.objective_values(df, "final_val_loss")) == [2.0, math.inf]
+    assert list(df["status"]) == ["FINISHED", "FAILED"]  # the rerun is the result; the lone failure waits
+    values = A.objective_values(df, "final_val_loss")
+    assert values.iloc[0] == 2.0 and math.isnan(values.iloc[1])  # no result, not inf
+
+
+def test_configurations_that_only_crashed_are_left_out_and_said():
+    """Runs that FAILED without diverging have no result: their configurations are neither inf nor
+    "all diverged", they are absent (a warning per phase says how many and how to rerun them); inf stays
+    for divergence."""
+    lrs = [1e-3, 3e-3, 1e-2, 3e-2]
+    df = grid_runs({32: 5e-3, 64: 5e-3}, lrs, seeds=(0, 1), noise=0.001)
+    crashed = (df.batch_size == 64) | ((df.batch_size == 32) & (df.lr == 3e-2))
+    df.loc[crashed, ["status", "final_val_loss"]] = ["FAILED", np.nan]
+    df.loc[(df.batch_size == 32) & (df.lr == 1e-3) & (df.seed == 0), ["status", "diverged", "final_val_loss"]] = \
+        ["FAILED", True, np.nan]
+    ph = A.analyze(df)["phases"][0]
+    assert [o["batch_size"] for o in ph["optima"]] == [32]  # B=64 only crashed: no optimum, not "all diverged"
+    o = ph["optima"][0]
+    assert o["status"] == "ok" and o["n_runs"] == 6 and o["n_diverged"] == 1 and o["lr_max"] == 1e-2
+    grid = {g["lr"]: g for g in ph["grid"]}
+    assert sorted(grid) == [1e-3, 3e-3, 1e-2] and grid[1e-3]["n_diverged"] == 1
+    assert ph["n_failed_no_result"] == 10 and ph["n_diverged_or_failed"] == 1 and ph["n_runs_used"] == 6
+    assert sum("10 run(s) failed without diverging" in w and "--retry-failed" in w for w in ph["warnings"]) == 1
+    # every replicate diverged: still inf, still "all diverged"
+    df.loc[df.batch_size == 64, "diverged"] = True
+    ph = A.analyze(df)["phases"][0]
+    b64 = next(o for o in ph["optima"] if o["batch_size"] == 64)
+    assert b64["status"] == "all diverged" and b64["n_diverged"] == 8
+    assert ph["n_failed_no_result"] == 2
 
 
 def test_extra_sections_are_added_per_phase():

@@ -118,6 +118,29 @@ def test_fused_equals_sdpa_on_cuda(T, H, D, options):
 
 
 @needs_cuda
+def test_fused_past_65535_sequence_heads_on_cuda():
+    """16,640 sequences × 4 heads = 66,560 programs per block row, past the 65,535 a grid's y or z dimension
+    takes: forward and backward run (sequence-heads on the grid's x), and the first and last sequences
+    (heads past program 65,535) agree with SDPA in fp32 on their slice within bf16's rounding. ~1.6 GB qkv."""
+    T, H, D, N = 128, 4, 32, 16_640
+    assert N * H > 65_535
+    torch.manual_seed(0)
+    x = torch.randn(1, N * T, 3 * H * D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    out = A.causal_attention(x, T, H)
+    g = torch.randn_like(out)
+    out.backward(g)
+    torch.cuda.synchronize()
+    for first in (0, N - 8):  # 8 sequences each; the last ones' heads are programs 66,528..66,559
+        rows = slice(first * T, (first + 8) * T)
+        rx = x.detach()[:, rows].float().requires_grad_()
+        ref = A.reference(rx, T, H)
+        ref.backward(g[:, rows].float())
+        for a, b in ((out[:, rows], ref), (x.grad[:, rows], rx.grad)):
+            err = ((a.float() - b).abs().max() / b.abs().max()).item()
+            assert err < 2e-2, (first, err)
+
+
+@needs_cuda
 def test_fused_compiles_once_for_any_slot_count():
     """Compiled with the slot dimension dynamic, as the batched pass compiles it, the operator serves 3, 5
     and 8 slots with one compile (the slot count only sets the kernels' grid), each within bf16's rounding

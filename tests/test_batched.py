@@ -27,7 +27,13 @@ import pytest
 import torch
 import yaml
 
-from scaling.batched import slot_size, timing_metrics, train_group
+from scaling.batched import (
+    math_causal,
+    sdpa_causal,
+    slot_size,
+    timing_metrics,
+    train_group,
+)
 from scaling.config import _validated
 from scaling.data import load_corpus
 from scaling.train import Hooks, Pruned, train
@@ -194,6 +200,49 @@ def test_compiled_equals_eager_and_compiles_once(setup):
     assert (tm["builds"], tm2["builds"], tm_e2["builds"]) == (2, 1, 2)
     for re_, rce, rc, rcc in zip(res_e + res_e2, recs_e + recs_e2, res_c + res_c2, recs_c + recs_c2):
         assert_same_run(re_, rce, rc, rcc)
+
+
+@pytest.fixture
+def flash_meta_of_torch_2_11():
+    """The CPU flash SDPA's meta function as torch 2.11 has it: logsumexp float32 whatever the input, while
+    the kernel makes it float64 for float64 (pytorch#185539). Caches off, so compiled code is traced anew."""
+    import torch._inductor.config as inductor_config
+    from torch._C import DispatchKey
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    meta = op.py_kernels[DispatchKey.Meta]
+
+    def float32_logsumexp(*args, **kwargs):
+        out, lse = meta(*args, **kwargs)
+        return out, lse.to(torch.float32)
+
+    op.py_kernels[DispatchKey.Meta] = float32_logsumexp
+    op._dispatch_cache.clear()
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch(force_disable_caches=True):
+            yield
+    finally:
+        op.py_kernels[DispatchKey.Meta] = meta
+        op._dispatch_cache.clear()
+        torch._dynamo.reset()
+
+
+def test_float64_attention_compiles_with_torch_2_11s_flash_meta(flash_meta_of_torch_2_11):
+    """The batched pass's attention in float64 on a CPU (the tests' arithmetic) differentiates compiled where
+    torch 2.11's meta of the CPU flash kernel breaks SDPA's backward (compiled it is :func:`math_causal`),
+    and gives eager's (SDPA's) output and gradient."""
+    qkv = torch.randn(3, 2 * 8, 3 * 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = (z.detach().requires_grad_() for z in qkv.split(16, -1))
+    with pytest.raises(RuntimeError, match="expected scalar type Double but found Float"):  # the fixture's bug
+        torch.compile(lambda a: torch.nn.functional.scaled_dot_product_attention(a, a, a, is_causal=True))(
+            q.view(3, 2, 8, 16)).sum().backward()
+    (compiled,) = torch.autograd.grad(torch.compile(sdpa_causal)(qkv, 8, 2).square().sum(), [qkv])
+    (eager,) = torch.autograd.grad(sdpa_causal(qkv, 8, 2).square().sum(), [qkv])
+    assert torch.allclose(compiled, eager, rtol=1e-12, atol=1e-14)
+    heads = [z.detach().view(6, 8, 2, 8).transpose(1, 2) for z in (q, k, v)]  # 3 slots of 2 sequences, 2 heads
+    ref = torch.nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
+    assert torch.allclose(math_causal(*heads), ref, rtol=1e-12, atol=1e-14)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -161,3 +161,29 @@ def test_resume_with_noise_measurement_is_identical_to_uninterrupted(noisy_phase
     no_noise = dict(mid, noise=None)  # a checkpoint without noise state (the batched engine's) resumes too
     _, again, _, _, _ = _run(phase, c, steps=20, batch_size=16, resume_state=no_noise)
     assert again.summary["gns_measurements"] == 2
+
+
+def test_gradient_accumulation_keeps_a_float64_model_in_float64():
+    """The accumulated micro-batches' gradient is the whole batch's to float64 precision (logits rounded to
+    float32 anywhere would show at ~1e-8), and the reported loss is float64."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from scaling.config import ModelConfig
+    from scaling.model import build_model
+    from scaling.train import forward_backward
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = build_model(ModelConfig(d_model=16, n_layers=1, n_heads=2, context_length=8, vocab_size=32), 0)
+    finally:
+        torch.set_default_dtype(old)
+    x, y = torch.randint(0, 32, (4, 8)), torch.randint(0, 32, (4, 8))
+    whole = torch.autograd.grad(model.loss(x, y), list(model.parameters()))
+    cfg = SimpleNamespace(phase=SimpleNamespace(train=SimpleNamespace(grad_accum=2, label_smoothing=0.0)))
+    loss = forward_backward(model, x, y, cfg, nullcontext)
+    assert loss.dtype == torch.float64 and float(loss) == pytest.approx(float(model.loss(x, y)), rel=1e-13)
+    for p, g in zip(model.parameters(), whole):
+        assert p.grad.dtype == torch.float64
+        assert torch.allclose(p.grad, g, rtol=1e-11, atol=1e-14)
