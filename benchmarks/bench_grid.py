@@ -48,7 +48,6 @@ from scaling.data import BatchSampler, load_corpus, random_corpus  # noqa: E402
 from scaling.model import build_model, decay_mask  # noqa: E402
 from scaling.train import Hooks, lr_at, resolve_device, train  # noqa: E402
 
-
 T0 = time.perf_counter()
 RECORD_PARTS = ("all", "metrics", "checkpoints", "none")
 

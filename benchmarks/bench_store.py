@@ -74,11 +74,10 @@ def cpu_timed(fn, *args, **kwargs) -> tuple[float, float]:
 
 def measure(uri: str, table: Path, label: str, db_uri: str | None = None) -> dict:
     """Every figure of one store (module docstring); ``db_uri``: the server's own database, read directly."""
+    import scaling.data  # noqa: F401  (the import's baselines need it: its own start-up, not the import's)
     from scaling import report, sweep, tracking
     from scaling.config import load_phase
     from scaling.importing import import_table
-
-    import scaling.data  # noqa: F401  (the import's baselines need it: its own start-up, not the import's)
 
     out: dict = {"store": label}
     client = tracking.connect(uri)  # the store exists (an empty SQLite one is made here) before the clock runs

@@ -61,8 +61,19 @@ from scaling.data import SAMPLER_CHUNK, Corpus, batch_starts, validation_batches
 from scaling.group_noise import CHUNK_BYTES, SEED_STRIDE, GroupSums, chunk_plan
 from scaling.model import NanoTransformer, build_model, decay_mask
 from scaling.noise import NoiseTracker
-from scaling.train import (LOG_METRICS, Hooks, Pruned, RunStats, TrainResult, clip_stats, due, final_window, lr_at,
-                           make_optimizer, summarize)
+from scaling.train import (
+    LOG_METRICS,
+    Hooks,
+    Pruned,
+    RunStats,
+    TrainResult,
+    clip_stats,
+    due,
+    final_window,
+    lr_at,
+    make_optimizer,
+    summarize,
+)
 
 TABLE_CHUNK = 256  # steps of batch indices / optimizer scalars prepared at a time
 # the optimizer scalars of a model that must not move (stopped, or not in the tables): 1 - lr*wd = 1,
@@ -1025,7 +1036,8 @@ def timing_metrics(tm: dict) -> dict[str, float]:
     other tick: the wall time between the first ticks and the end, less the evaluations, per tick — logging
     and checkpoint hand-overs included, gradient-noise measurements too), ``group_eval_s`` (all evaluations; a
     compiled one's first holds its compile), ``group_wall_s`` and, when the group measured gradient noise,
-    ``group_noise_s`` (all measurements; the first holds the measurement pass's compile). Nothing when the group did not train (no timings)."""
+    ``group_noise_s`` (all measurements; the first holds the measurement pass's compile). Nothing when the group
+    did not train (no timings)."""
     if "wall_s" not in tm:
         return {}
     first = sum(tm["warm"])

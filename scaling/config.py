@@ -738,6 +738,9 @@ def _check_phase(p: Phase) -> None:
     _check_noise(t)
     for b in g.batch_sizes:
         _check_noise(t, b)
+    if t.noise_interval and m.dropout:  # the measurement must leave the run's random stream alone
+        raise ConfigError("train.noise_interval needs model.dropout 0 (measuring with dropout would draw random "
+                          "numbers); set train.noise_interval: 0 to train with dropout")
     for b in g.batch_sizes:  # every grid point must resolve to >= 1 step, at every model size
         for size in g.model_sizes or (None,):
             _budget_to_steps(p if size is None else dataclasses.replace(p, model=dataclasses.replace(

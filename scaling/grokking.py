@@ -35,8 +35,7 @@ from scaling import schedules
 from scaling.config import RunConfig
 from scaling.data import Corpus
 from scaling.model import NanoTransformer, build_model
-from scaling.train import (LOG_METRICS, Hooks, Pruned, TrainResult, clip_stats, due, final_window, lr_at,
-                           make_optimizer)
+from scaling.train import LOG_METRICS, Hooks, Pruned, TrainResult, clip_stats, due, final_window, lr_at, make_optimizer
 
 ACC_THRESHOLD = 0.99
 EVAL_CHUNK = 8192  # rows per forward pass of an evaluation

@@ -201,7 +201,8 @@ def _write_all(report, texts, d: Path, plots: bool) -> list[str]:
         (d / name).write_text(text)
         written.append(name)
     if plots:
-        from scaling import plots as plotting, sibling_plots
+        from scaling import plots as plotting
+        from scaling import sibling_plots
 
         for p in (plotting.make_plots(report, d / "plots") if report["phases"] else []) + \
                 sibling_plots.make_plots(report.get("siblings"), d / "plots"):

@@ -14,8 +14,9 @@ Per batch size one Optuna study (``<study name>-B<batch size>``) over ``lr`` on 
   by more than the bracketing margin, or pruned or diverged) → stop; the margin is
   ``BRACKET_Z``·√2·σ, σ the loss noise of one run — the spread between seeds of the same
   configuration in the phase's runs when there are such replicates, else ``loss_noise`` or
-  ``DEFAULT_LOSS_NOISE`` — so that two runs of one configuration rarely pass for a bracket; else if the best LR is within ``margin`` of an edge (a fraction of the
-  *initial* range's width in log space, so the test does not loosen as the range grows), that edge moves out by ``extend_factor`` — at most
+  ``DEFAULT_LOSS_NOISE`` — so that two runs of one configuration rarely pass for a bracket; else if the best
+  LR is within ``margin`` of an edge (a fraction of the *initial* range's width in log space, so the test
+  does not loosen as the range grows), that edge moves out by ``extend_factor`` — at most
   ``max_extensions`` times in all, after which the search stops with **limit**; the search also ends
   when the study holds ``trials`` evaluated trials (**trials**). The range state lives in the study's
   user attrs, so a resumed study goes on where it stopped.
@@ -44,8 +45,18 @@ from typing import Callable, Sequence
 
 from scaling import tracking
 from scaling.config import ConfigError, Phase, RunConfig, error_line, positive_int, say_warmup
-from scaling.sweep import (TAG_SEARCH_ID, ClaimStore, check_storage_url, classify, default_storage, ensure_parent,
-                           link_launcher_run, runs_of_config, safe_url, shared_params)
+from scaling.sweep import (
+    TAG_SEARCH_ID,
+    ClaimStore,
+    check_storage_url,
+    classify,
+    default_storage,
+    ensure_parent,
+    link_launcher_run,
+    runs_of_config,
+    safe_url,
+    shared_params,
+)
 
 SAMPLERS = ("tpe", "random", "cmaes")
 #: The loss noise of one run (nats) assumed when the phase has no replicates to measure it from.

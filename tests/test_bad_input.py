@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
+from conftest import TINY_RANDOM_PHASE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_RANDOM_PHASE
 from scaling.cli import main
 from scaling.config import ConfigError, load_phase
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from scaling import tracking
 from scaling.runner import CheckpointWriter, load_checkpoint
-
 
 
 def test_writer_snapshots_keeps_order_and_drains(tmp_path):

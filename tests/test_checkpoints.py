@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_TEXT
+
 from scaling import tracking
 from scaling.checkpoints import KEEP, TAG_CHECKPOINTS, load_checkpoint, recorded, save_checkpoint
 

@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import TINY_TEXT, run_cli
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_TEXT, run_cli
 from scaling.checkpoints import recorded
 
 DATA = ["--data-dir", str(TINY_TEXT), "--splits", "valid:test", "--device", "cpu", "--quiet"]

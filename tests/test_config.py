@@ -6,12 +6,11 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RANDOM_PHASE, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaling.config import ConfigError, builtin_phase_names, load_phase, n_params_estimate
-
-from conftest import TINY_RANDOM_PHASE, run_cli
 
 BUILTIN_25 = (Path(__file__).parents[1] / "scaling" / "phases" / "2_5.yaml").read_text()
 
@@ -73,6 +72,8 @@ def test_config_hash_is_stable_and_sensitive():
     ("name: x\ntrain: {budget: 2.5e0}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "train.budget (steps) must be an integer >= 1, got 2.5"),
     ("name: x\nmodel: {d_model: 10, n_heads: 3}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n", "divisible"),
     ("[1, 2]\n", "expected a mapping"),
+    ("name: x\nmodel: {dropout: 0.1}\ntrain: {noise_interval: 10}\ngrid: {batch_sizes: [4], lrs: [0.1]}\n",
+     "train.noise_interval needs model.dropout 0"),
 ])
 def test_bad_phase_files(tmp_path, yaml_text, needle):
     f = tmp_path / "bad.yaml"

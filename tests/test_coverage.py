@@ -18,9 +18,9 @@ import math
 import sys
 
 import numpy as np
+from sim_grids import Sweep, simulate
 
 from scaling import analysis as A
-from sim_grids import Sweep, simulate
 
 BETA = 0.8
 R_BETA = 300

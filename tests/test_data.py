@@ -7,13 +7,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TEXT
 
 import scaling.data as data
 from scaling.config import load_phase
-from scaling.data import (DataError, batch_starts, compute_baselines, decode, encode, find_split_files,
-                          load_corpus, validation_batches)
-
-from conftest import TINY_TEXT
+from scaling.data import (
+    DataError,
+    batch_starts,
+    compute_baselines,
+    decode,
+    encode,
+    find_split_files,
+    load_corpus,
+    validation_batches,
+)
 
 
 def test_encode_ascii_is_identity_and_non_ascii_is_unknown():
@@ -149,9 +156,9 @@ def test_a_text_corpus_that_is_not_there_says_where_it_was_looked_for(tmp_path):
 
 def test_text_corpus_config_is_checked():
     from scaling.config import ConfigError, _validated
-    for data in ({"dataset": "text"}, {"dataset": "wikitext2", "corpus": "x"}, {"dataset": "text", "corpus": "a/b"}):
+    for section in ({"dataset": "text"}, {"dataset": "wikitext2", "corpus": "x"}, {"dataset": "text", "corpus": "a/b"}):
         with pytest.raises(ConfigError, match="data.corpus"):
-            _validated({"name": "t", "data": data, "grid": {"batch_sizes": [4], "lrs": [1e-3]}})
+            _validated({"name": "t", "data": section, "grid": {"batch_sizes": [4], "lrs": [1e-3]}})
     p = _text_phase()
     assert p.run_config(4, 1e-3).to_params()["corpus"] == "mybooks"
     assert "corpus" not in load_phase("2_5").run_config(32, 1e-3).to_params()  # older phases hash as before

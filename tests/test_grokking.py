@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli
 from mlflow.tracking import MlflowClient
 
 from scaling import schedules
@@ -14,8 +15,6 @@ from scaling.config import load_phase
 from scaling.data import load_corpus
 from scaling.grokking import ExampleStream, answer_logits
 from scaling.train import Hooks, train
-
-from conftest import run_cli
 
 PHASE = """\
 name: tiny_grok

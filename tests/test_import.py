@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import LOCAL_WIKITEXT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LOCAL_WIKITEXT
 from scaling import importing, tracking
 from scaling.config import ConfigError, load_phase
 

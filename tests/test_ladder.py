@@ -9,13 +9,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TEXT, run_cli
 from mlflow.tracking import MlflowClient
 
 from scaling.config import load_phase
 from scaling.data import load_corpus
 from scaling.train import Hooks, train
-
-from conftest import TINY_TEXT, run_cli
 
 LADDER = """\
 name: tiny_ladder

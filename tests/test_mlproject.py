@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-
 from test_sweep import ONE_THREAD, phase_runs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ import time
 from collections import Counter
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import TINY_RANDOM_PHASE
 from live_stores import MlflowServer, free_port
+from mlflow.tracking import MlflowClient
+
 from scaling import tracking
 from scaling.checkpoints import recorded
 

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from test_grokking import PHASE as GROK
 
 from scaling import tracking
 from scaling.config import load_phase
 from scaling.report import compare
-
-from test_grokking import PHASE as GROK
 
 GRID = (GROK.split("  schedules:")[0].replace("name: tiny_grok", "name: tiny_grid")
         .replace("  tasks: [x_plus_y, x_div_y]\n", "  tasks: [x_plus_y]\n")

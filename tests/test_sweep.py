@@ -12,10 +12,10 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
+from conftest import run_cli
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
 from scaling import tracking
 from scaling.checkpoints import recorded
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from mlflow.tracking import MlflowClient
-
 from conftest import TINY_TEXT, run_cli
+from mlflow.tracking import MlflowClient
 
 
 def test_quick_2_5_tokens_sweep_sees_equal_tokens_and_compare_knows_the_budget(tmp_path, tracking_uri):

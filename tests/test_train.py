@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_TEXT
 
 from scaling.config import load_phase
 from scaling.data import load_corpus
 from scaling.train import Hooks, lr_at, train
-
-from conftest import TINY_TEXT
 
 
 @pytest.fixture

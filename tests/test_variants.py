@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaling.config import ConfigError, load_phase, n_params_nonembedding
-
-from conftest import run_cli
 
 GROK = """\
 name: tiny_grok
