@@ -436,7 +436,8 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
 
     grid = {} if objective_fn is not None else grid_results(client, exp_id, phase, b, splits)
     ref = phase.run_config(b, 1.0, splits=splits)
-    study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize", load_if_exists=True,
+    store = optuna.storages.RDBStorage(storage)  # kept: interrupted trials are marked through it
+    study = optuna.create_study(storage=store, study_name=study_name, direction="minimize", load_if_exists=True,
                                 sampler=_make_sampler(sampler, seed), pruner=_make_pruner(pruner, ref))
     n_before = len(study.get_trials(deepcopy=False))
     if seed is not None and n_before:
@@ -460,7 +461,7 @@ def _search_one(phase: Phase, b: int, trials: int, *, sampler, pruner, storage, 
         attrs = study.user_attrs
     lo0, hi0, f = attrs["lr_low0"], attrs["lr_high0"], attrs["extend_factor"]
     if objective_fn is None:
-        _recover_interrupted(study, client, exp_id)
+        _recover_interrupted(study, store, client, exp_id)
 
     def state():
         a = study.user_attrs
@@ -612,16 +613,18 @@ def _evaluate(study, trials: list, phase: Phase, b: int, *, splits, client, exp_
     return n_evaluated
 
 
-def _recover_interrupted(study, client, exp_id: str) -> None:
-    """Trials whose process died (RUNNING, owner gone) are failed; interrupted ones are requeued to resume."""
+def _recover_interrupted(study, storage, client, exp_id: str) -> None:
+    """Trials whose process died (RUNNING, owner gone) are failed; interrupted ones are requeued to resume.
+    ``storage``: the study's Optuna storage (it marks another process's trial)."""
     import optuna
 
     S = optuna.trial.TrialState
-    storage = study._storage
+    study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
         owner = t.user_attrs.get("owner")
         if owner and not tracking.owner_alive(owner):
-            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, t.number),
+                                        "interrupted", True)
             study.tell(t.number, state=S.FAIL)
     trials = study.get_trials(deepcopy=False)
     requeued = {t.user_attrs.get("resume_run_id") for t in trials}
