@@ -169,7 +169,8 @@ def connect(uri: str | None = None, check: bool = True) -> RetryingClient:
     return RetryingClient(client)
 
 
-# MLflow's UI opens an experiment without this tag in its GenAI view; these are model-training runs.
+# These are model-training runs: the tag says so to MLflow's UI. Its 3.18 release picks the view from a toggle
+# instead (the URL's ?workflowType=machine_learning, or the choice it remembers), so the README links with that.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
