@@ -57,6 +57,10 @@ def _isolated_env(tmp_path, monkeypatch, _store_template):
     (tmp_path / "cache").mkdir()
     shutil.copyfile(_store_template, tmp_path / "cache" / _store_template.name)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    # subprocesses (the CLI) train tiny models: one OpenMP thread each, since a 2-core machine running several
+    # of them, or one beside its own logging threads, slows to a crawl under spinning OpenMP threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "SCALING_DATA_DIR", "SCALING_SPLITS"):
