@@ -268,14 +268,19 @@ MAX_GROUP_SEQUENCES = 24_576
 REFERENCE_ACTIVATIONS = 128 * 4 * 128
 
 
+def group_sequence_cap(cfgs: Sequence[RunConfig]) -> float:
+    """Sequences one batched pass of these configs' model may hold at its start."""
+    m = cfgs[0].phase.model
+    return MAX_GROUP_SEQUENCES * REFERENCE_ACTIVATIONS / (m.d_model * m.n_layers * m.context_length)
+
+
 def default_group_size(cfgs: Sequence[RunConfig], workers: int, on_cuda: bool) -> int:
     """Configs a worker trains together per pass: on CUDA the grid shared evenly by the workers (one worker would
     otherwise claim the whole grid and leave the others, on their own GPUs, nothing), and no more than keeps every
     group of consecutive configs (the order they are claimed in) within the pass's memory; 1 on CPU."""
     if not on_cuda:
         return 1
-    m = cfgs[0].phase.model
-    cap = MAX_GROUP_SEQUENCES * REFERENCE_ACTIVATIONS / (m.d_model * m.n_layers * m.context_length)
+    cap = group_sequence_cap(cfgs)
     size = -(-len(cfgs) // max(1, workers))
     while size > 1 and any(sum(c.batch_size for c in cfgs[i:i + size]) > cap for i in range(0, len(cfgs), size)):
         size -= 1
@@ -503,11 +508,15 @@ def claim_work(store: ClaimStore, client, ctx: SweepContext, todo: Sequence[RunC
     meanwhile is released, not retrained."""
     items: list[WorkItem] = []
     busy: set[str] = set()
+    # A resumed grid's pending configs are not the chunks default_group_size checked: the cap holds for any.
+    cap = group_sequence_cap(todo) if limit > 1 and todo else float("inf")
     for cfg in todo:
         if len(items) >= limit:
             break
         if items and data_key(cfg) != data_key(items[0].cfg):
             continue  # a group trains on one corpus
+        if items and sum(i.cfg.batch_size for i in items) + cfg.batch_size > cap:
+            continue  # the pass would not fit in memory: a later group takes it
         h = cfg.config_hash()
         claim = store.try_claim(ctx.sweep_id, h, owner, label(cfg), ctx.stale_after)
         if claim is None:
@@ -935,6 +944,6 @@ class _Bar:
 
 
 __all__ = ["run_sweep", "SweepSummary", "ConfigResult", "ClaimStore", "SweepContext", "WorkItem", "WorkResult",
-           "plan", "sweep_id_for", "grid_status", "GridView", "claim_work", "train_sequential", "train_grouped",
-           "record", "work_loop",
+           "plan", "group_sequence_cap", "sweep_id_for", "grid_status", "GridView", "claim_work", "train_sequential",
+           "train_grouped", "record", "work_loop",
            "ensure_parent", "link_launcher_run", "default_storage", "check_storage_url", "best_lr_by_batch_size"]

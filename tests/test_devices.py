@@ -66,3 +66,31 @@ def test_on_cuda_the_default_group_shares_the_grid_among_the_workers_within_memo
     size = default_group_size(big, 1, on_cuda=True)
     chunks = [big[i:i + size] for i in range(0, len(big), size)]
     assert 1 < size < len(big) and max(sum(c.batch_size for c in ch) for ch in chunks) <= MAX_GROUP_SEQUENCES
+
+
+def test_a_resumed_grid_is_claimed_in_groups_that_fit_memory(stores):
+    """The default group size is checked on the whole grid; what is left of it after a partial sweep (here
+    phase 4 with B 16-64 done) is claimed in other chunks, and each claim still stays within the cap."""
+    from scaling import tracking
+    from scaling.config import load_phase
+    from scaling.sweep import ClaimStore, SweepContext, claim_work, default_group_size, group_sequence_cap, plan
+
+    uri, storage = stores
+    phase = load_phase("4")
+    grid = plan(phase)
+    left = [c for c in grid if c.batch_size >= 128]  # 96 configs, 46,080 sequences
+    size = default_group_size(grid, 1, on_cuda=True)
+    client = tracking.connect(uri)
+    ctx = SweepContext(phase=phase, cfgs=grid, splits=("train", "valid"), device="cpu", data_dir=None,
+                       tracking_uri=uri, storage=storage, sweep_id="s", parent_run_id="p",
+                       exp_id=client.create_experiment("e"), retry_failed=False, session_start_ms=0)
+    store = ClaimStore(storage)
+    groups = []
+    while left:
+        items, _ = claim_work(store, client, ctx, left, "me", size)
+        groups.append([i.cfg for i in items])
+        left = [c for c in left if c not in groups[-1]]
+    store.dispose()
+    assert sum(c.batch_size for c in grid if c.batch_size >= 128) > group_sequence_cap(grid)
+    assert len(groups) == 2 and {c.batch_size for c in groups[1]} == {1024}  # as few groups as fit
+    assert all(sum(c.batch_size for c in g) <= group_sequence_cap(grid) for g in groups)
