@@ -7,6 +7,7 @@ option, missing or malformed value) — is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import gc
 import os
@@ -245,7 +246,7 @@ def main():
 @main.command()
 def phases():
     """List the built-in phases with their grids."""
-    from scaling.config import builtin_phase_names, clip_text, load_phase, n_params_estimate
+    from scaling.config import builtin_phase_names, clip_text, load_phase, n_params_estimate, n_params_nonembedding
 
     for name in builtin_phase_names():
         p = load_phase(name)
@@ -257,7 +258,10 @@ def phases():
                    f"{p.train.budget_kind}={p.train.budget:g}  configs={len(p.run_configs())}")
         click.echo(f"{'':<11} batch sizes: {', '.join(map(str, g.batch_sizes))}")
         click.echo(f"{'':<11} lrs: {lrs}   clips: {clips}")
-        for axis, values in (("model sizes", [s.name for s in g.model_sizes]), ("tasks", g.tasks),
+        # a ladder's N, as its fit counts it: non-embedding parameters of each size
+        sizes = [f"{s.name} N={n_params_nonembedding(dataclasses.replace(p.model, d_model=s.d_model, n_layers=s.n_layers)):,}"
+                 for s in g.model_sizes]
+        for axis, values in (("model sizes", sizes), ("tasks", g.tasks),
                              ("schedules", [s.label for s in g.schedules]), ("lr rules", g.lr_rules)):
             if values:
                 click.echo(f"{'':<11} {axis}: {', '.join(values)}")

@@ -173,6 +173,8 @@ def test_cli_phases_lists_the_grids():
     r = run_cli("phases")
     assert r.returncode == 0
     assert "2_5" in r.stdout and "32, 64, 128, 256" in r.stdout and "3b" in r.stdout
+    # the ladder's sizes with the N its fit uses (12 n_layers d_model^2: xs 2 x 64, xl 6 x 192)
+    assert "xs N=98,304" in r.stdout and "xl N=2,654,208" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------
