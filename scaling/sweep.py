@@ -309,6 +309,7 @@ class ConfigResult:
     loss: float = float("nan")  # the phase's objective (train.objective); inf when diverged
     end_time: int | None = None  # ms
     learned: bool | None = None  # below the unigram baseline (the run's `learned` tag); None: not known
+    variant: str = ""  # "size=m", "task=x_plus_y schedule=constant lr_rule=none": its own best LR per batch size
 
 
 def runs_of_config(client, exp_id: str, config_hash: str) -> list:
@@ -317,7 +318,8 @@ def runs_of_config(client, exp_id: str, config_hash: str) -> list:
 
 def classify(cfg: RunConfig, runs: list, retry_failed: bool = False, session_start_ms: int = 0) -> ConfigResult:
     """Where one configuration stands: done (FINISHED/DIVERGED), FAILED (not retried now) or PENDING."""
-    res = ConfigResult(cfg.config_hash(), cfg.batch_size, cfg.lr, cfg.clip, cfg.seed, "PENDING")
+    res = ConfigResult(cfg.config_hash(), cfg.batch_size, cfg.lr, cfg.clip, cfg.seed, "PENDING",
+                       variant=cfg.variant_text().strip())
     # Imported results tables (`scaling import`) are someone else's measurement, often of another
     # pipeline: they never stand in for training the configuration here.
     runs = [r for r in runs if r.data.tags.get(tracking.TAG_SOURCE) != "import"]
@@ -379,8 +381,21 @@ def best_lr_by_batch_size(results) -> dict[int, tuple[float, float]]:
     return dict(sorted(best.items()))
 
 
+def best_lr_by_variant(results) -> dict[str, dict[int, tuple[float, float]]]:
+    """:func:`best_lr_by_batch_size` per variant (model size, task, schedule, LR rule): a best LR taken across
+    variants would compare losses of different models or tasks."""
+    variants = sorted({r.variant for r in results})
+    return {v: best_lr_by_batch_size([r for r in results if r.variant == v]) for v in variants}
+
+
+def variant_suffix(variant: str) -> str:
+    """``size=m task=x`` -> ``_m_x``: a variant in a metric name."""
+    return "".join("_" + part.split("=")[1] for part in variant.split())
+
+
 def _best_text(results) -> str:
-    return " ".join(f"B{b}:{lr:g}" for b, (lr, _) in best_lr_by_batch_size(results).items())
+    return " ".join(f"B{b}{variant_suffix(v)}:{lr:g}" for v, best in best_lr_by_variant(results).items()
+                    for b, (lr, _) in best.items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,7 +756,8 @@ class SweepSummary:
 
     @property
     def best_lr(self) -> dict[int, tuple[float, float]]:
-        return best_lr_by_batch_size(self.results)
+        """Per batch size, of a phase without variants (see :func:`best_lr_by_variant`)."""
+        return best_lr_by_variant(self.results).get("", {})
 
     def losses(self) -> dict[tuple[int, float, float | None, int], float]:
         """(batch_size, lr, clip, seed) → the objective; inf for diverged (for analysis)."""
@@ -756,18 +772,25 @@ class SweepSummary:
         if finished and all(r.learned is False for r in finished):
             out.append("  no run learned: every finished run ended above the unigram baseline (tag learned=false), "
                        "so the best LRs below say nothing about scaling; check the data, the budget and the LR range")
-        for b, (lr, loss) in self.best_lr.items():
-            edge = ""
-            lrs = sorted({r.lr for r in self.results if r.batch_size == b})
-            if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
-                edge = "  (on the grid's edge: try `scaling search`)"
-            if not any(r.learned is not False for r in finished if r.batch_size == b):
-                edge = "  (no run at this batch size learned)"
-            out.append(f"  best LR at B={b}: {lr:g} ({self.objective} {loss:.4f}){edge}")
+        for variant, best in best_lr_by_variant(self.results).items():
+            out += self._best_lines(variant, best, [r for r in finished if r.variant == variant])
         if self.count("FAILED"):
             out.append("  failed configs are rerun with --retry-failed")
         if self.busy_elsewhere:
             out.append(f"  {self.busy_elsewhere} config(s) are being trained by a live process outside this sweep")
+        return out
+
+    def _best_lines(self, variant: str, best: dict, finished: list) -> list[str]:
+        out = []
+        for b, (lr, loss) in best.items():
+            edge = ""
+            lrs = sorted({r.lr for r in self.results if r.batch_size == b and r.variant == variant})
+            if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
+                edge = "  (on the grid's edge: try `scaling search`)"
+            if not any(r.learned is not False for r in finished if r.batch_size == b):
+                edge = "  (no run at this batch size learned)"
+            where = f"B={b}" + (f" {variant}" if variant else "")
+            out.append(f"  best LR at {where}: {lr:g} ({self.objective} {loss:.4f}){edge}")
         return out
 
 
@@ -877,8 +900,10 @@ def finalize_parent(client, parent: str, summary: SweepSummary) -> None:
     """Counts and best LR per batch size on the parent; FINISHED when complete, FAILED with failures."""
     rows = [("n_configs", len(summary.results)), ("n_finished", summary.count("FINISHED")),
             ("n_diverged", summary.count("DIVERGED")), ("n_failed", summary.count("FAILED"))]
-    for b, (lr, loss) in summary.best_lr.items():
-        rows += [(f"best_lr_B{b}", lr), (f"best_val_loss_B{b}", loss)]
+    for variant, best in best_lr_by_variant(summary.results).items():
+        for b, (lr, loss) in best.items():
+            key = f"B{b}{variant_suffix(variant)}"
+            rows += [(f"best_lr_{key}", lr), (f"best_val_loss_{key}", loss)]
     tracking.log_metrics(client, parent, [(k, v, 0) for k, v in rows])
     if summary.complete:
         status = "FINISHED"
@@ -946,4 +971,5 @@ class _Bar:
 __all__ = ["run_sweep", "SweepSummary", "ConfigResult", "ClaimStore", "SweepContext", "WorkItem", "WorkResult",
            "plan", "group_sequence_cap", "sweep_id_for", "grid_status", "GridView", "claim_work", "train_sequential",
            "train_grouped", "record", "work_loop",
-           "ensure_parent", "link_launcher_run", "default_storage", "check_storage_url", "best_lr_by_batch_size"]
+           "ensure_parent", "link_launcher_run", "default_storage", "check_storage_url", "best_lr_by_batch_size",
+           "best_lr_by_variant"]

@@ -293,3 +293,20 @@ def test_claims_are_atomic_when_processes_race_for_the_same_configs(tmp_path):
     winners = Counter(h for won in results for h in won)
     assert set(winners) == set(fresh + orphaned) and set(winners.values()) == {1}
     assert sum(bool(won) for won in results) >= 2  # they did race
+
+
+def test_the_summary_keeps_each_variants_best_lr_apart():
+    """A ladder's sizes (or a modular phase's tasks) have losses on different scales: the best LR at a batch
+    size is taken within each variant, never across them."""
+    from scaling.sweep import ConfigResult, SweepSummary
+
+    def done(lr, loss, variant):
+        return ConfigResult("h", 16, lr, 1.0, 0, "FINISHED", loss=loss, learned=True, variant=variant)
+
+    s = SweepSummary("s", "p", "ladder", "db", results=[
+        done(1e-3, 2.6, "size=xs"), done(3e-3, 2.5, "size=xs"), done(1e-2, 2.7, "size=xs"),
+        done(1e-3, 1.45, "size=l"), done(3e-3, 1.39, "size=l"), done(1e-2, 1.40, "size=l")])
+    best = [line.strip() for line in s.lines() if "best LR" in line]
+    assert best == ["best LR at B=16 size=l: 0.003 (final_val_loss 1.3900)",
+                    "best LR at B=16 size=xs: 0.003 (final_val_loss 2.5000)"]
+    assert s.best_lr == {}  # no batch-size-only answer for a phase with variants
