@@ -34,11 +34,18 @@ LOSS_METRICS = ("final_val_loss", "min_val_loss", "final_train_loss")
 ACC_THRESHOLD = 0.99
 
 
+def has_variant_runs(client, exp_id: str) -> bool:
+    """Whether any run of the experiment has a task or a model size: one run asked for per axis, so a phase of
+    10,000 LR x B runs is not read whole (as MLflow objects) to find it has no sibling section."""
+    return any(tracking.search_runs(client, [exp_id], f"params.{k} LIKE '%'", max_results=1)
+               for k in ("task", "model_size"))
+
+
 def phase_runs(client, phase: str) -> pd.DataFrame:
     """One row per configuration run of the phase's experiment (params and summary metrics), newest first;
     an empty frame when it has none."""
     exp = client.get_experiment_by_name(tracking.experiment_name(phase))
-    if exp is None or exp.lifecycle_stage == "deleted":
+    if exp is None or exp.lifecycle_stage == "deleted" or not has_variant_runs(client, exp.experiment_id):
         return pd.DataFrame()
     rows = []
     for r in tracking.search_runs(client, [exp.experiment_id]):

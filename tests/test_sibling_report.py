@@ -139,3 +139,25 @@ def test_ladder_fit_recovers_the_law_and_flags_an_lr_on_the_edge(tmp_path, track
     assert "Model-size ladder: phase tiny_ladder" in text and "profile likelihood" in text and "(edge)" in text
     run = MlflowClient(tracking_uri).get_run(rep["comparison_run_id"])
     assert run.data.metrics["tiny_ladder/alpha_power"] == pytest.approx(power["params"]["alpha"]["value"])
+
+
+def test_a_plain_lr_by_batch_phase_is_not_read_whole_to_find_it_has_no_sibling_section(tmp_path, tracking_uri,
+                                                                                        monkeypatch):
+    """Only runs with a task or model size are sibling runs: the check asks for one such run per axis, so a
+    store of 10,000 LR x B runs is not turned into MLflow objects for a section it does not have."""
+    from scaling import sibling_report
+
+    client = MlflowClient(tracking.connect(tracking_uri).tracking_uri)
+    p = _phase(tmp_path, LADDER.replace("name: tiny_ladder", "name: tiny_plain").split("  model_sizes:")[0],
+               "tiny_plain")
+    for cfg in p.run_configs():
+        record(client, cfg, {"final_val_loss": 2.0})
+    asked = []
+    real = tracking.search_runs
+    monkeypatch.setattr(tracking, "search_runs", lambda c, ids, f="", max_results=50_000: (
+        asked.append((f, max_results)), real(c, ids, f, max_results))[1])
+    assert sibling_report.phase_runs(client, "tiny_plain").empty
+    assert asked and all(f and n == 1 for f, n in asked), asked
+    ladder = _phase(tmp_path, LADDER, "tiny_ladder")
+    record(client, ladder.run_configs()[0], {"final_val_loss": 2.0})
+    assert len(sibling_report.phase_runs(client, "tiny_ladder")) == 1
