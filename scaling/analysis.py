@@ -10,7 +10,8 @@ builds it from MLflow (or a test builds it by hand). From it:
 2. :func:`optimum_table` — one row per (phase, batch size, budget): the grid argmin and the vertex of
    a quadratic in ln LR through the argmin and its neighbours, fitted to every replicate with one
    intercept per seed (a seed's shared loss offset is not noise). The replicates' residuals, pooled
-   over the phase's batch sizes, give the loss noise and the vertex's delta-method standard error.
+   over the phase's batch sizes (each batch size's own where Bartlett's test says they differ), give
+   the loss noise and the vertex's delta-method standard error.
    An argmin on the smallest/largest LR is *censored*: the optimum lies beyond the middle of the
    grid's outer gap (the bound), not beyond the edge itself.
 3. The fits of ln LR_opt = ln C + β ln B: :func:`fit_power` (``all`` / ``uncensored``: random-effects
@@ -313,7 +314,8 @@ def optimum_table(runs: pd.DataFrame, metric: str = "final_val_loss", window: in
     lr_max, n_lrs``, ``vertex_lr, vertex_log_se, vertex_dof, vertex_status`` (quadratic in ln LR
     through the argmin and its ``window`` neighbours on each side, fitted to every finished
     replicate with one intercept per seed; its SE from the loss noise pooled over the phase's batch
-    sizes), ``noise_sd, noise_dof`` (that pooled noise), ``clip_frequency``, ``regime``,
+    sizes, or its own where they differ), ``noise_sd, noise_dof`` (that noise), ``noise_pooled``,
+    ``noise_pooled_sd``, ``noise_homogeneity_p`` (Bartlett's test over the batch sizes), ``clip_frequency``, ``regime``,
     ``learned``, ``val_loss_rise``, ``overfitting``, ``epochs``, ``repeated_data`` at the argmin."""
     configs = config_table(runs, metric) if configs is None else configs
     obs = runs.assign(_y=objective_values(runs, metric))
@@ -337,9 +339,9 @@ def optimum_table(runs: pd.DataFrame, metric: str = "final_val_loss", window: in
 OPTIMUM_COLUMNS = [
     "phase", "batch_size", "budget_label", "status", "n_lrs", "lr_min", "lr_max", "n_runs", "n_diverged",
     "argmin_lr", "argmin_loss", "argmin_loss_std", "argmin_n", "argmin_n_diverged", "grid_res_se", "censored",
-    "bound_lr", "vertex_lr", "vertex_log_se", "vertex_dof", "vertex_status", "noise_sd", "noise_dof", "grad_clip",
-    "clip_frequency", "regime", "learned", "val_loss_rise", "overfitting", "epochs", "repeated_data",
-    "argmin_run_ids", "_rss", "_dof", "_unit"]
+    "bound_lr", "vertex_lr", "vertex_log_se", "vertex_dof", "vertex_status", "noise_sd", "noise_dof",
+    "noise_pooled", "noise_pooled_sd", "noise_homogeneity_p", "grad_clip", "clip_frequency", "regime", "learned",
+    "val_loss_rise", "overfitting", "epochs", "repeated_data", "argmin_run_ids", "_rss", "_dof", "_unit"]
 
 
 def _optimum_row(key, g: dict[str, np.ndarray], obs: tuple, window: int, overfit_threshold: float) -> dict[str, Any]:
@@ -391,20 +393,45 @@ def _optimum_row(key, g: dict[str, np.ndarray], obs: tuple, window: int, overfit
             "vertex_status": q["status"], "_rss": q["rss"], "_dof": q["dof"], "_unit": q["unit_var"]}
 
 
+# Below this p-value of Bartlett's test the batch sizes' loss noises differ (e.g. runs near an unstable LR scatter
+# far more than the rest) and each vertex takes its own; above it one pooled noise serves every batch size.
+NOISE_HOMOGENEITY_P = 0.01
+
+
+def bartlett_p(rss: np.ndarray, dof: np.ndarray) -> float:
+    """Bartlett's test that variances rss/dof (each with dof degrees of freedom) are equal: its p-value."""
+    ok = (dof > 0) & (rss > 0)
+    v, n = rss[ok] / dof[ok], dof[ok].astype(float)
+    k = len(v)
+    if k < 2:
+        return 1.0
+    pooled = v @ n / n.sum()
+    m = n.sum() * math.log(pooled) - n @ np.log(v)
+    c = 1 + (np.sum(1 / n) - 1 / n.sum()) / (3 * (k - 1))
+    return float(stats.chi2.sf(m / c, k - 1))
+
+
 def _pool_noise(out: pd.DataFrame) -> pd.DataFrame:
-    """The loss noise of one run, pooled over a phase's vertex fits (their residuals around the
-    quadratic, seeds' offsets removed): ``noise_sd``, ``noise_dof``; the vertices' SEs from it."""
+    """The loss noise of one run from a phase's vertex fits (their residuals around the quadratic, seeds'
+    offsets removed): pooled over the batch sizes when they agree (:data:`NOISE_HOMOGENEITY_P`), else each
+    batch size's own; ``noise_sd``, ``noise_dof``, ``noise_pooled``, and the vertices' SEs from it."""
     if not len(out):
         return out
     out = out.copy()
     rss = out.groupby("phase")["_rss"].transform("sum")
     dof = out.groupby("phase")["_dof"].transform("sum")
-    s2 = (rss / dof).where(dof > 0)
+    p_by_phase = {ph: bartlett_p(g["_rss"].to_numpy(float), g["_dof"].to_numpy(float)) for ph, g in out.groupby("phase")}
+    out["noise_homogeneity_p"] = out["phase"].map(p_by_phase)
+    pooled = out["noise_homogeneity_p"] >= NOISE_HOMOGENEITY_P
+    pooled_s2 = (rss / dof).where(dof > 0)
+    s2 = pooled_s2.where(pooled, (out["_rss"] / out["_dof"]).where(out["_dof"] > 0))
     out["noise_sd"] = np.sqrt(s2)
-    out["noise_dof"] = dof.astype(int)
-    ok = out["vertex_status"].eq("ok") & (dof > 0) & (s2 > 0)
+    out["noise_dof"] = dof.where(pooled, out["_dof"]).fillna(0).astype(int)
+    out["noise_pooled"] = pooled
+    out["noise_pooled_sd"] = np.sqrt(pooled_s2)
+    ok = out["vertex_status"].eq("ok") & (out["noise_dof"] > 0) & (s2 > 0)
     out["vertex_log_se"] = np.where(ok, np.sqrt(s2 * out["_unit"].astype(float)), np.nan)
-    out["vertex_dof"] = np.where(ok, dof, 0).astype(int)
+    out["vertex_dof"] = np.where(ok, out["noise_dof"], 0).astype(int)
     return out
 
 
@@ -1310,9 +1337,12 @@ def _loss_noise(optima: pd.DataFrame) -> dict[str, Any] | None:
     if not len(optima) or not (optima["noise_dof"] > 0).any():
         return None
     r = optima.iloc[0]
-    return {"sd": float(r["noise_sd"]), "dof": int(r["noise_dof"]),
-            "source": "replicates' residuals around each batch size's quadratic (seed offsets removed), "
-                      "pooled over the batch sizes"}
+    dof = int(optima["_dof"].sum())
+    source = "replicates' residuals around each batch size's quadratic (seed offsets removed), " + (
+        "pooled over the batch sizes" if r["noise_pooled"] else
+        f"each batch size's own (they differ: Bartlett p = {r['noise_homogeneity_p']:.2g}; sd the pooled value)")
+    return {"sd": float(r["noise_pooled_sd"]), "dof": dof, "pooled": bool(r["noise_pooled"]),
+            "homogeneity_p": float(r["noise_homogeneity_p"]), "source": source}
 
 
 def _best_config(configs: pd.DataFrame) -> dict[str, Any] | None:

@@ -422,7 +422,10 @@ def _phase_block(ph, md: bool) -> list[str]:
            f"budget {', '.join(ph['budget']['budgets'])}; baselines uniform/unigram/bigram "
            f"{_f(bl['uniform'])}/{_f(bl['unigram'])}/{_f(bl['bigram'])}; learned "
            f"{ln['true']} yes, {ln['false']} no, {ln['unknown']} unknown"
-           + (f"; loss noise of one run {noise['sd']:.4f} nats ({noise['dof']} dof, from the seeds)" if noise else ""),
+           + (f"; loss noise of one run {noise['sd']:.4f} nats ({noise['dof']} dof, from the seeds"
+              + ("" if noise.get("pooled", True) else
+                 f"; the batch sizes' noises differ, Bartlett p = {noise['homogeneity_p']:.2g}: each vertex's SE "
+                 "from its own") + ")" if noise else ""),
            ""]
     out += [bullet + line for line in _fit_lines(ph) + _section_lines(ph)]
     out.append("")

@@ -153,6 +153,29 @@ def test_vertex_uses_seed_offsets_and_pools_the_noise():
     assert one["vertex_lr"] == pytest.approx(5.3e-3, rel=1e-6) and math.isnan(one["vertex_log_se"])
 
 
+def test_batch_sizes_whose_noise_differs_take_their_own_and_equal_ones_are_pooled():
+    """Bartlett's test on the vertex fits' residual variances: on equal variances it rejects at its level (the
+    pooled noise serves every batch size); a batch size whose runs scatter 10x more (e.g. near an unstable
+    LR) gets its own noise and SE, and leaves the others' SEs at their own, small, noise."""
+    rng = np.random.default_rng(0)
+    dof = np.full(7, 4.0)
+    ps = np.array([A.bartlett_p(rng.chisquare(4, 7) * 0.01, dof) for _ in range(4000)])
+    assert 0.005 < (ps < A.NOISE_HOMOGENEITY_P).mean() < 0.02 and 0.03 < (ps < 0.05).mean() < 0.07
+    lrs = [1e-3 * 2 ** k for k in range(6)]
+    opt = {64: 5.3e-3, 128: 9e-3, 256: 1.4e-2}
+    calm = A.normalize_runs(grid_runs(opt, lrs, seeds=(0, 1, 2), curv=0.2, noise=0.003))
+    loud = A.normalize_runs(grid_runs({512: 1.4e-2}, lrs, seeds=(0, 1, 2), curv=0.2, noise=0.03, seed=1))
+    pooled = A.optimum_table(calm)
+    mixed = A.optimum_table(pd.concat([calm, loud], ignore_index=True))
+    assert pooled["noise_pooled"].all() and not mixed["noise_pooled"].any()
+    assert mixed["noise_homogeneity_p"].iloc[0] < A.NOISE_HOMOGENEITY_P and list(mixed["vertex_dof"]) == [4] * 4
+    assert mixed["noise_sd"].iloc[3] == pytest.approx(0.03, rel=0.6)
+    assert mixed["noise_sd"].iloc[:3].to_numpy() == pytest.approx([0.003] * 3, rel=0.6)
+    assert mixed["vertex_log_se"].iloc[3] > mixed["vertex_log_se"].iloc[:3].max()
+    noise = A.analyze(pd.concat([calm, loud], ignore_index=True))["phases"][0]["loss_noise"]
+    assert noise["pooled"] is False and noise["dof"] == 16 and "own" in noise["source"]
+
+
 def test_vertex_rejected_when_opening_downward_or_outside_range():
     x = np.log([1e-3, 2e-3, 4e-3])
     assert A.quadratic_vertex(x, np.array([1.0, 0.5, 1.0]), (x[0], x[-1]))["status"] == "ok"
