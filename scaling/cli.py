@@ -310,14 +310,17 @@ def train(phase_name, phase_file, steps, tokens, warmup, eval_interval, eval_bat
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and the law comparison.")
 @click.option("--tracking-uri", default=None, help="MLflow store (env MLFLOW_TRACKING_URI).")
 @click.option("--no-mlflow", is_flag=True, help="Do not record a comparison run in scaling-compare.")
+@click.option("--batch-sizes", callback=_ints, default=None,
+              help="Only the runs of these batch sizes, e.g. 16,32,64,128,256 (beta is local to them).")
 def compare(phases, metric, fmt, out_dir, estimator, exclude_unlearned, budget, pool_budgets, bootstrap, seed,
-            tracking_uri, no_mlflow):
+            tracking_uri, no_mlflow, batch_sizes):
     """Fit LR_opt(B) per phase from its MLflow runs and put phases side by side against theory."""
     from scaling.report import compare as run_compare
 
     report = run_compare(phases, tracking_uri=tracking_uri, metric=metric, fmt=fmt, out_dir=out_dir,
                          exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, budget=budget,
-                         bootstrap=bootstrap, seed=seed, log_to_mlflow=not no_mlflow, estimator=estimator)
+                         bootstrap=bootstrap, seed=seed, log_to_mlflow=not no_mlflow, estimator=estimator,
+                         batch_sizes=batch_sizes)
     click.echo(report["rendered"], nl=False)
     if fmt == "table":
         if report["files"]:

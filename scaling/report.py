@@ -93,14 +93,35 @@ def _run_row(run: runs_table.RunRecord, phase: str) -> dict[str, Any] | None:
     return row
 
 
+def check_batch_sizes(batch_sizes) -> list[int] | None:
+    """``--batch-sizes`` as sorted distinct positive integers (None: every batch size)."""
+    if batch_sizes is None:
+        return None
+    if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batch_sizes):
+        raise ConfigError(f"batch sizes must be positive integers, got {batch_sizes!r}")
+    return sorted(set(batch_sizes))
+
+
+def only_batch_sizes(runs: pd.DataFrame, batch_sizes: list[int] | None) -> pd.DataFrame:
+    """The runs of these batch sizes; a ConfigError when none of them has a run."""
+    if batch_sizes is None:
+        return runs
+    kept = runs[pd.to_numeric(runs["batch_size"], errors="coerce").isin(batch_sizes)]
+    if kept.empty:
+        have = sorted({int(b) for b in pd.to_numeric(runs["batch_size"], errors="coerce").dropna()})
+        raise ConfigError(f"no run has batch size {', '.join(map(str, batch_sizes))} (the runs have "
+                          f"{', '.join(map(str, have)) or 'none'})")
+    return kept
+
+
 def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_loss", fmt: str = "table",
             out_dir: str | Path | None = None, exclude_unlearned: bool = False, pool_budgets: bool = False,
             bootstrap: int = 0, seed: int = 0, log_to_mlflow: bool = True, estimator: str = "vertex",
-            plots: bool = True, budget: str | None = None) -> dict[str, Any]:
+            plots: bool = True, budget: str | None = None, batch_sizes=None) -> dict[str, Any]:
     """Compare phases: returns the report dict (docs/compare-schema.md) with ``rendered`` (the text
     in ``fmt`` for the terminal), ``files`` (paths written under ``out_dir``) and
     ``comparison_run_id`` (None without MLflow logging). Raises ConfigError/TrackingError (one
-    line) before anything is written."""
+    line) before anything is written. ``batch_sizes``: only the runs of these (None: all)."""
     names = parse_phases(phases)
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -112,6 +133,7 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
         raise ConfigError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")
     if budget is not None and pool_budgets:
         raise ConfigError("--budget selects one budget and --pool-budgets fits several together: give one of them")
+    batch_sizes = check_batch_sizes(batch_sizes)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out must be a directory, got the file {str(out)!r}")
@@ -119,14 +141,15 @@ def compare(phases, tracking_uri: str | None = None, metric: str = "final_val_lo
     settings = {"phases": names, "metric": metric, "estimator": estimator, "exclude_unlearned": exclude_unlearned,
                 "pool_budgets": pool_budgets, "budget": budget, "bootstrap": bootstrap, "seed": seed,
                 "confidence": 0.95, "quadratic_window": 1, "overfit_threshold": 0.05, "law_points": "uncensored",
-                "noise_window": 1}
+                "noise_window": 1, "batch_sizes": batch_sizes}
     # Sibling phases (grokking, the model-size ladder) get their own sections; those whose runs vary over a
     # variant axis (task, schedule, size...) are no LR_opt(B) grid and stay out of the analysis below.
     siblings = sibling_report.collect(client, names, metric, settings["confidence"])
     main = [n for n in names if n not in siblings["only"]]
     result = {"phases": [], "comparison": [], "optima": []}
     if main:
-        result = analysis.analyze(load_runs(client, main), metric=metric, estimator=estimator,
+        result = analysis.analyze(only_batch_sizes(load_runs(client, main), batch_sizes), metric=metric,
+                                  estimator=estimator,
                                   exclude_unlearned=exclude_unlearned, pool_budgets=pool_budgets, budget=budget,
                                   bootstrap=bootstrap, seed=seed, phases=main, confidence=settings["confidence"],
                                   window=settings["quadratic_window"], overfit_threshold=settings["overfit_threshold"],

@@ -231,6 +231,25 @@ def test_errors_are_one_line_and_write_nothing(store, tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
+def test_batch_sizes_restrict_the_fit_and_a_missing_one_is_one_line(store, tmp_path):
+    """--batch-sizes fits beta on those batch sizes only (e.g. below the one where LR_opt stops growing)."""
+    r = CliRunner().invoke(main, ["import", str(STUDY), "--phase", "2_5", "--tracking-uri", store])
+    assert r.exit_code == 0, r.output
+    every = compare("2_5", tracking_uri=store, fmt="json", log_to_mlflow=False, plots=False)
+    some = compare("2_5", tracking_uri=store, fmt="json", log_to_mlflow=False, plots=False, batch_sizes=[64, 32, 128])
+    assert [o["batch_size"] for o in every["optima"]] == [32, 64, 128, 256]
+    assert [o["batch_size"] for o in some["optima"]] == [32, 64, 128]
+    assert some["settings"]["batch_sizes"] == [32, 64, 128] and every["settings"]["batch_sizes"] is None
+    out = tmp_path / "never"
+    r = CliRunner().invoke(main, ["compare", "--phases", "2_5", "--tracking-uri", store, "--batch-sizes", "512",
+                                  "--out", str(out), "--no-mlflow"])
+    assert r.exit_code == 2 and r.output == "error: no run has batch size 512 (the runs have 32, 64, 128, 256)\n"
+    for bad in ("0", "x", "16,,32"):
+        r = CliRunner().invoke(main, ["compare", "--phases", "2_5", "--tracking-uri", store, "--batch-sizes", bad])
+        assert r.exit_code == 2 and r.output.count("\n") == 1, (bad, r.output)
+    assert not out.exists()
+
+
 def test_different_budgets_are_refused_unless_chosen_or_pooled(store):
     make_native_runs(store, seeds=(0,))
     from scaling.importing import import_table
