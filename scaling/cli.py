@@ -212,10 +212,11 @@ class _OneLineErrors(click.Group):
         """The ``scaling`` process itself (the console script, ``python -m scaling.cli``). A command that trains
         ends the process with ``os._exit`` once it has returned or failed cleanly (a ``SystemExit``) and its
         output is flushed, skipping the interpreter's shutdown: by then every result is written (runs
-        ended, the metric and checkpoint threads drained and joined, worker processes joined, stores
-        closed), and the shutdown would only wait for inductor's compile workers, which stop by themselves
-        once this process is gone. Calls of ``main.main(...)`` (tests, the MLproject entry points) return or
-        raise as before; an unexpected error ends normally, with its traceback."""
+        ended, the metric and checkpoint threads drained and joined, worker processes joined, SQLite stores'
+        write-ahead logs checkpointed into their files), and the shutdown would only wait for inductor's
+        compile workers, which stop by themselves once this process is gone. Calls of ``main.main(...)``
+        (tests, the MLproject entry points) return or raise as before; an unexpected error ends normally,
+        with its traceback."""
         self.command_run = None
         try:
             self.main(*args, **kwargs)
@@ -229,6 +230,8 @@ class _OneLineErrors(click.Group):
         elif not isinstance(code, int):
             print(code, file=sys.stderr)
             code = 1
+        if "scaling.tracking" in sys.modules:  # no connection is closed below: the stores' logs folded in now
+            sys.modules["scaling.tracking"].checkpoint_sqlite_files()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -104,6 +104,7 @@ class ClaimStore:
         kwargs = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}
+            tracking.note_sqlite_file(url)
         try:
             self.engine = sa.create_engine(url, **kwargs)
         except Exception as e:

@@ -65,6 +65,35 @@ def sqlite_path(uri: str) -> str:
     return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
 
 
+# SQLite database files this process opened. A command that ends with os._exit closes no connection, and SQLite
+# folds its write-ahead log into the database file only when the last connection closes: the log is durable,
+# but a copy of the .db file alone would lack the newest records.
+SQLITE_FILES: set[str] = set()
+
+
+def note_sqlite_file(uri: str) -> None:
+    """Remember the database file of a ``sqlite:///`` URI for :func:`checkpoint_sqlite_files`."""
+    path = sqlite_path(uri)
+    if path and path != ":memory:" and "?" not in path:
+        SQLITE_FILES.add(str(Path(path).resolve()))
+
+
+def checkpoint_sqlite_files() -> None:
+    """Fold each noted SQLite store's write-ahead log into its database file (best effort: the log itself
+    keeps every committed record)."""
+    import sqlite3
+
+    for path in sorted(SQLITE_FILES):
+        try:
+            con = sqlite3.connect(path, timeout=10)
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                con.close()
+        except sqlite3.Error:
+            pass
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``--tracking-uri`` beats ``MLFLOW_TRACKING_URI`` beats the local SQLite default."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -148,6 +177,7 @@ def connect(uri: str | None = None, check: bool = True) -> RetryingClient:
     path = sqlite_path(uri)
     if path and path != ":memory:" and "?" not in path:  # a plain database file
         seed_sqlite_store(Path(path))
+        note_sqlite_file(uri)
     retry_limit_s()  # a bad SCALING_STORE_RETRY_S is an error now, not in a background thread later
     if uri.startswith(("http://", "https://")):
         # MLflow's own retries (minutes, per request) off: with_retry resends a request as long as the

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import TINY_TEXT, run_cli
@@ -175,6 +177,14 @@ def test_training_commands_end_without_the_interpreter_shutdown(tmp_path, tracki
     assert "final_val_loss" in r.stdout and r.stdout.endswith("\n") and "exit handlers ran" not in r.stdout
     _, runs = _runs(tracking_uri)
     assert [x.info.status for x in runs] == ["FINISHED"] and "final_val_loss" in runs[0].data.metrics
+    # no connection was closed, yet the store's write-ahead log is in its file: a copy of the .db alone is whole
+    db = Path(tracking_uri[len("sqlite:///"):])
+    assert not db.with_name(db.name + "-wal").exists() or db.with_name(db.name + "-wal").stat().st_size == 0
+    copy = tmp_path / "copy" / "mlflow.db"
+    copy.parent.mkdir()
+    shutil.copy(db, copy)
+    _, copied = _runs(f"sqlite:///{copy}")
+    assert [x.info.status for x in copied] == ["FINISHED"] and "final_val_loss" in copied[0].data.metrics
     bad = scaling("train", "--phase-file", tiny_text_phase, "--batch-size", 0, "--lr", 3e-3, *DATA,
                   "--tracking-uri", tracking_uri)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
