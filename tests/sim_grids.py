@@ -32,6 +32,7 @@ class Sweep:
     kappa: float = 0.06  # curvature of the loss in ln LR (nats per (ln LR)^2)
     rho: float = 0.5  # asymmetry of the loss curve
     noise: float = 0.008  # run noise (nats)
+    noise_factors: tuple | None = None  # per batch size, times ``noise`` (e.g. runs near unstable LRs); None: 1
     seed_sd: float = 0.02  # a seed's shared offset at a batch size (nats)
     offset_range: tuple = (-0.35, 0.35)  # law level around the grid's centre (ln LR)
 
@@ -57,7 +58,8 @@ def simulate(sweep: Sweep, replicates: int, seed: int = 0) -> tuple[pd.DataFrame
     r = sweep.rho
     curve = 2 * (np.exp(r * d) - 1 - r * d) / r ** 2 if r else d * d
     loss = (2.0 + sweep.kappa * curve + rng.normal(0, sweep.seed_sd, (replicates, nb, 1, ns))
-            + rng.normal(0, sweep.noise, (replicates, nb, nl, ns)))
+            + rng.normal(0, sweep.noise, (replicates, nb, nl, ns))
+            * np.asarray(sweep.noise_factors or (1.0,) * nb, float)[None, :, None, None])
     rep, bi, li, si = np.meshgrid(np.arange(replicates), np.arange(nb), np.arange(nl), np.arange(ns), indexing="ij")
     runs = pd.DataFrame({
         "phase": np.char.add("sim", rep.ravel().astype(str)), "batch_size": np.asarray(sweep.batch_sizes)[bi.ravel()],

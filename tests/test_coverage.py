@@ -86,12 +86,31 @@ def test_the_chosen_law_is_right_or_none():
     assert wrong / total <= 0.08, (wrong, total)
 
 
+# Runs near unstable LRs at the largest batch sizes scatter far more than the rest (phase 4 on an H100): each
+# batch size then takes its own noise for its vertex's SE.
+HETEROSCEDASTIC = dataclasses.replace(Sweep(), noise_factors=(1, 1, 1, 1, 1, 10, 10))
+
+
+def test_each_batch_sizes_own_noise_covers_better_than_one_pooled_when_they_differ(monkeypatch):
+    """With 10x the run noise at B 512 and 1024, one pooled noise overstates the other batch sizes' SEs and
+    understates those two; each batch size's own gives narrower random-effects intervals that cover more.
+    Neither reaches 95% here (docs/compare-schema.md: about 0.93, the censored fit 0.90)."""
+    own = beta_coverage(HETEROSCEDASTIC, R_BETA, seed=3)
+    monkeypatch.setattr(A, "NOISE_HOMOGENEITY_P", 0.0)  # every phase pooled
+    pooled = beta_coverage(HETEROSCEDASTIC, R_BETA, seed=3)
+    for kind in ("all", "uncensored"):
+        assert own[kind]["coverage"] >= pooled[kind]["coverage"] - 0.01, (kind, own[kind], pooled[kind])
+        assert own[kind]["half_width"] < pooled[kind]["half_width"], (kind, own[kind], pooled[kind])
+        assert own[kind]["coverage"] >= 0.90, (kind, own[kind])
+
+
 SCENARIOS = {
     "planned: 7 B, 8 LRs x2, 3 seeds, tau 0.1": (Sweep(), "vertex"),
     "same, tau 0 (optima on the law)": (dataclasses.replace(Sweep(), tau=0.0), "vertex"),
     "same, flat loss (kappa 0.03, noise 0.012), tau 0.25": (
         dataclasses.replace(Sweep(), tau=0.25, kappa=0.03, noise=0.012), "vertex"),
     "same, optima shifted up (more censored high)": (dataclasses.replace(Sweep(), offset_range=(0.6, 1.3)), "vertex"),
+    "same, noise x10 at B 512 and 1024": (HETEROSCEDASTIC, "vertex"),
     "7 B, 2 seeds": (dataclasses.replace(Sweep(), seeds=2), "vertex"),
     "7 B, 1 seed": (dataclasses.replace(Sweep(), seeds=1), "vertex"),
     "7 B, 1 seed, argmin": (dataclasses.replace(Sweep(), seeds=1), "argmin"),
