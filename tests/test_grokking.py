@@ -45,12 +45,7 @@ def grok_phase(tmp_path):
     return f
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models on one thread
 
 
 def _train(cfg, resume_state=None):

@@ -36,12 +36,7 @@ DATA = ["--data-dir", str(TINY_TEXT), "--splits", "valid:test", "--device", "cpu
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models on one thread
 
 
 def test_quick_ladder_sweep_and_compare_end_to_end(tmp_path, tracking_uri):

@@ -93,7 +93,7 @@ def test_metric_history_of_chosen_runs_is_what_mlflow_gives(store, monkeypatch):
     assert [(p.step, p.value) for p in direct if p.run_id == runs[0]][::2] == [(5, 2.0), (15, 4.0)]
 
 
-def test_the_done_pass_asks_per_config_and_not_again_once_done(tmp_path, tiny_random_phase, one_thread_torch):
+def test_the_done_pass_asks_per_config_and_not_again_once_done(tmp_path, tiny_random_phase, one_thread):
     """grid_status queries the runs of each configuration by its config_hash tag (never the whole
     experiment), and with a GridView it does not ask again about configurations found done."""
     from scaling import sweep
@@ -118,11 +118,3 @@ def test_the_done_pass_asks_per_config_and_not_again_once_done(tmp_path, tiny_ra
     assert asked == [f"tags.config_hash = '{cfgs[1].config_hash()}'"]
 
 
-@pytest.fixture
-def one_thread_torch():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

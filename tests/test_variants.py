@@ -9,26 +9,12 @@ import pytest
 from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_grokking import PHASE as GROK_PHASE
 
 from scaling.config import ConfigError, load_phase, n_params_nonembedding
 
-GROK = """\
-name: tiny_grok
-data: {dataset: modular, modulus: 7, train_fraction: 0.5}
-model: {d_model: 32, n_layers: 1, n_heads: 2, context_length: 4, vocab_size: 132}
-optim: {betas: [0.9, 0.98], weight_decay: 1.0, warmup: 2}
-train: {budget_kind: steps, budget: 30, eval_interval: 10, log_interval: 5, checkpoint_every: 10, seeds: [0, 1]}
-grid:
-  batch_sizes: [8]
-  lrs: [3.0e-3]
-  clips: [null]
-  tasks: [x_plus_y, x_div_y]
-  schedules:
-    - {kind: constant}
-    - {kind: linear, start: 2, end: 8}
-    - {kind: step, steps: [[0, 2], [15, 8]]}
-  lr_rules: [none, sqrt]
-"""
+# test_grokking's phase with the default objective (final_val_loss)
+GROK = GROK_PHASE.replace("seeds: [0, 1],\n        objective: step_val_acc_99}", "seeds: [0, 1]}")
 
 
 def _phase(tmp_path, text, name="p.yaml"):
